@@ -1,0 +1,161 @@
+"""HybridConfig: one flat dataclass describing the shared transformer and its image spans.
+
+Flat on purpose (torchtitan / nanoGPT style): every knob is one attribute, presets are named
+dictionaries of overrides, and the config round-trips through ``config.json`` unchanged.
+Leaf modules never see this object; ``HybridModel`` unpacks the numbers they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class HybridConfig:
+    # --- text / transformer -------------------------------------------------------------
+    vocab_size: int = 512
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None -> n_heads (MHA); fewer -> grouped-query attention
+    ffn_dim: int | None = None  # None -> Llama's 8/3 * dim rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    qk_norm: bool = False  # Chameleon's fix for logit drift in mixed-modal training
+    attn_bias: bool = False  # Qwen2-style q/k/v bias
+    tie_embeddings: bool = False
+    max_seq_len: int = 256
+    attn_impl: str = "sdpa"  # "sdpa" (dense bool mask, CPU/training) | "flex" (BlockMask, GPU)
+    init_std: float = 0.02
+
+    # --- special token ids (filled from the tokenizer when a model is built for it) ---------
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    boi_id: int = 3
+    eoi_id: int = 4
+    img_id: int = 5  # placeholder id inside image spans; its embedding is overwritten
+
+    # --- generation path: images diffused as patches of a latent grid ---------------------
+    image_size: int = 32  # pixels
+    image_codec: str = "pixel"  # "pixel" (identity, this issue) | "vq" (VQ latents)
+    latent_channels: int = 3
+    latent_downsample: int = 1  # pixels per latent cell along one side
+    patch_size: int = 4  # latent cells per patch along one side
+    timestep_freq_dim: int = 256  # sinusoidal features fed to the timestep MLP (DiT)
+
+    # --- understanding path: features from an image encoder through an aligner MLP --------
+    und_feature_dim: int = 64
+    und_tokens: int = 16
+
+    # --- objective -------------------------------------------------------------------
+    scheduler: str = "flow"  # "ddpm" (epsilon, Transfusion) | "flow" (velocity, JanusFlow)
+    image_loss_weight: float = 5.0  # Transfusion's lambda
+    caption_dropout: float = 0.1  # probability of dropping the caption of a generated image (CFG)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_dim is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            m = self.ffn_multiple_of
+            self.ffn_dim = m * math.ceil(hidden / m)
+        self.validate()
+
+    # ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        problems = []
+        if self.dim % self.n_heads:
+            problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        elif (self.dim // self.n_heads) % 2:
+            problems.append(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.image_size % self.latent_downsample:
+            problems.append(
+                f"image_size={self.image_size} not divisible by latent_downsample={self.latent_downsample}"
+            )
+        elif self.latent_size % self.patch_size:
+            problems.append(f"latent grid {self.latent_size} not divisible by patch_size={self.patch_size}")
+        if self.attn_impl not in ("sdpa", "flex"):
+            problems.append(f"attn_impl must be 'sdpa' or 'flex', got {self.attn_impl!r}")
+        if self.image_codec not in ("pixel", "vq"):
+            problems.append(f"image_codec must be 'pixel' or 'vq', got {self.image_codec!r}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            problems.append(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        ids = [self.pad_id, self.bos_id, self.eos_id, self.boi_id, self.eoi_id, self.img_id]
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            problems.append(f"special token ids {ids} must lie in [0, vocab_size={self.vocab_size})")
+        if problems:
+            raise ValueError("invalid HybridConfig: " + "; ".join(problems))
+
+    # --- derived sizes -----------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.latent_downsample
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens in one generated-image span (patches of the latent grid)."""
+        return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+    # --- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HybridConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown HybridConfig keys: {unknown}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HybridConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "HybridConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+# Named presets: overrides on top of the dataclass defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Unit tests: a forward pass in milliseconds.
+    "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128, patch_size=8, timestep_freq_dim=64,
+                  und_feature_dim=32, und_tokens=4, qk_norm=True),
+    # The CPU demo: trains on the 32x32 shapes world in minutes on 2 cores.
+    "tiny": dict(dim=256, n_layers=6, n_heads=4, max_seq_len=256, qk_norm=True),
+    # A small GPU model for real experiments.
+    "small": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, max_seq_len=2048, image_size=256,
+                  image_codec="vq", latent_channels=8, latent_downsample=16, patch_size=1,
+                  und_feature_dim=768, und_tokens=256, qk_norm=True),
+    # ~1.5B, shaped like Janus-Pro-1B (DeepSeek-LLM 1.5B backbone, 384px images through a
+    # 16x-downsampling VQ tokenizer with 8-channel latents -> 576 image tokens, SigLIP-L features).
+    "base": dict(dim=2048, n_layers=24, n_heads=16, ffn_dim=5632, vocab_size=102400, max_seq_len=4096,
+                 rope_theta=10000.0, norm_eps=1e-6, image_size=384, image_codec="vq", latent_channels=8,
+                 latent_downsample=16, patch_size=1, und_feature_dim=1024, und_tokens=576, qk_norm=False),
+}

@@ -1,0 +1,220 @@
+"""HybridModel: one Llama-style transformer that reads and writes text and image patches.
+
+Inputs are a packed token row plus the image spans spliced into it:
+
+* text positions are embedded from ``input_ids``;
+* generated-image positions get ``in_proj(noisy patch) + timestep embedding`` (Transfusion);
+* understanding-image positions get ``aligner(encoder features)`` (Janus' decoupled path).
+
+Outputs are predictions only: text logits and, for generated-image positions, the diffusion
+head's prediction (epsilon or velocity, as the scheduler defines). Losses live in ``losses.py``,
+sampling in ``sampling.py``; this file stays single-device and loss-free.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from hybrid.config import HybridConfig
+from hybrid.masks import AttentionMask
+
+_compiled_flex = None
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    # Eager flex attention is a slow reference; compile once on GPU where it is the fast path.
+    global _compiled_flex
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with the Llama / Hugging Face (rotate-half) layout, driven by explicit position ids
+    so positions restart at 0 for every packed document."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool, bias: bool, eps: float):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        # QK-norm (Chameleon, OLMo-2, Qwen3): normalise each head's queries and keys so attention
+        # logits cannot drift upwards when text and image tokens compete in one softmax.
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if isinstance(mask, BlockMask):
+            out = _flex(q, k, v, mask)
+        else:
+            if self.n_kv_heads != self.n_heads:  # SDPA's fused CPU kernels want equal head counts
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP (Llama)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, cfg.attn_bias, cfg.norm_eps)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+@dataclass
+class HybridOutput:
+    logits: Tensor | None  # (B, T, V), or (K, V) at the requested text positions
+    image_pred: Tensor | None  # (n_gen, N, P): the diffusion head's prediction per patch
+    hidden: Tensor  # (B, T, D) final hidden states before the norm
+
+
+class HybridModel(nn.Module):
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        self.config = cfg
+        D = cfg.dim
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(D, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Generation path: noisy latent patches in, the scheduler's regression target out.
+        self.image_in = nn.Linear(cfg.patch_dim, D)
+        self.time_proj = Timesteps(cfg.timestep_freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(cfg.timestep_freq_dim, D)
+        self.image_out = nn.Linear(D, cfg.patch_dim)
+        # Understanding path: encoder features -> LM width (Janus' two-layer MLP aligner).
+        self.aligner = nn.Sequential(
+            nn.Linear(cfg.und_feature_dim, D), nn.GELU(), nn.Linear(D, D)
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norms keep ones, biases below
+            # Residual-branch outputs shrink with depth (GPT-2) so the stream starts near identity.
+            scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+            nn.init.normal_(p, std=std * scale)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        # Zero-init the diffusion head (DiT): the first prediction is 0, a stable starting point.
+        nn.init.zeros_(self.image_out.weight)
+
+    def embed_images(self, patches: Tensor, timesteps: Tensor) -> Tensor:
+        """(n, N, P) noisy patches and (n,) timesteps -> (n, N, D) span embeddings."""
+        t_emb = self.time_embed(self.time_proj(timesteps.float()).to(patches.dtype))  # (n, D)
+        return self.image_in(patches) + t_emb[:, None, :]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        attn_mask: AttentionMask,
+        gen_tokens: Tensor | None = None,
+        gen_index: Tensor | None = None,
+        gen_timesteps: Tensor | None = None,
+        und_features: Tensor | None = None,
+        und_index: Tensor | None = None,
+        logits_index: Tensor | None = None,
+    ) -> HybridOutput:
+        """
+        input_ids, position_ids: (B, T); attn_mask: (B, 1, T, T) bool or a BlockMask.
+        gen_tokens: (n_gen, N, P) noisy patches; gen_index: (n_gen, N) flat positions in B*T;
+        gen_timesteps: (n_gen,). und_features: (n_und, M, F); und_index: (n_und, M).
+        logits_index: optional flat positions (K,) where text logits are wanted (saves the
+        (B, T, V) projection when only a few positions carry a text loss).
+        """
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        h = self.embed_tokens(input_ids).view(B * T, -1)  # (B*T, D)
+        if gen_tokens is not None:
+            if gen_index is None or gen_timesteps is None or gen_index.shape != gen_tokens.shape[:2]:
+                raise ValueError("gen_tokens (n, N, P) needs gen_index (n, N) and gen_timesteps (n,)")
+            emb = self.embed_images(gen_tokens, gen_timesteps).to(h.dtype)
+            h = h.index_copy(0, gen_index.reshape(-1), emb.reshape(-1, emb.shape[-1]))
+        if und_features is not None:
+            if und_index is None or und_index.shape != und_features.shape[:2]:
+                raise ValueError("und_features (n, M, F) needs und_index (n, M)")
+            emb = self.aligner(und_features).to(h.dtype)
+            h = h.index_copy(0, und_index.reshape(-1), emb.reshape(-1, emb.shape[-1]))
+        h = h.view(B, T, -1)  # (B, T, D)
+
+        cos, sin = self.rope(position_ids, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn_mask)
+        hn = self.norm(h)
+
+        flat = hn.view(B * T, -1)
+        logits = self.lm_head(flat[logits_index] if logits_index is not None else hn)
+        image_pred = None
+        if gen_tokens is not None:
+            image_pred = self.image_out(flat[gen_index.reshape(-1)]).view(*gen_index.shape, -1)  # (n, N, P)
+        return HybridOutput(logits=logits, image_pred=image_pred, hidden=h)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n

@@ -1,0 +1,130 @@
+"""TrainConfig: a flat dataclass read from YAML, with dotted command-line overrides.
+
+    stage: hybrid
+    preset: tiny           # a HybridConfig preset ...
+    model: {dim: 192}      # ... plus per-field overrides (checked against HybridConfig)
+    steps: 600
+    lr: 1.0e-3
+
+Overrides on the command line: ``steps=50 model.dim=128 output_dir=runs/x``. Values are parsed
+as YAML scalars (``1e-3`` -> float, ``true`` -> bool, ``[1, 2]`` -> list). Unknown keys, in the
+file or in an override, are errors: a typo must not silently train the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hybrid.config import HybridConfig
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "hybrid"
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)  # HybridConfig overrides
+    output_dir: str = "runs/tiny"
+    seed: int = 0
+
+    # data: the shapes world (the embedded default)
+    data: str = "shapes"
+    heldout_eval: bool = True  # sample prompts from the held-out compositions too
+    mix_caption: float = 0.85  # caption -> image samples
+    mix_interleaved: float = 0.15  # text, image, text, image documents
+    tokenizer: str | None = None  # a local HF tokenizer folder; None: train one on the world's text
+    tokenizer_vocab: int = 512
+    batch_size: int = 16  # samples per step and process (packed into rows of seq_len)
+    seq_len: int | None = None  # None: the model's max_seq_len
+    num_workers: int = 0
+
+    # optimisation
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # "no" (fp32: the CPU path), "bf16", "fp16" (GPUs)
+
+    # logging, checkpoints, samples
+    log_every: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    sample_every: int = 200
+    num_samples: int = 8
+    sample_steps: int = 25
+    guidance_scale: float = 3.0
+    resume: str = "auto"  # "auto": latest checkpoint in output_dir if any; "none"; or a path
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.stage != "hybrid":
+            problems.append(f"stage {self.stage!r} is not available yet (only 'hybrid')")
+        if self.data != "shapes":
+            problems.append(f"data {self.data!r} is not available yet (only 'shapes')")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            problems.append(f"mixed_precision must be no/bf16/fp16, got {self.mixed_precision!r}")
+        for name in ("steps", "batch_size", "log_every", "save_every", "sample_every", "grad_accum"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mix_caption < 0 or self.mix_interleaved < 0 or self.mix_caption + self.mix_interleaved <= 0:
+            problems.append("mix_caption and mix_interleaved must be >= 0 and not both 0")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+        self.model_config()  # validates preset + model overrides early
+
+    def model_config(self, **extra: Any) -> HybridConfig:
+        return HybridConfig.from_preset(self.preset, **{**self.model, **extra})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    top, _, rest = key.partition(".")
+    if not rest:
+        d[top] = value
+        return
+    if top != "model":
+        raise ValueError(f"override {key!r}: only 'model.<field>' takes a dotted key")
+    d.setdefault("model", {})
+    d["model"] = {**(d["model"] or {}), rest: value}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML file (or start from defaults if ``path`` is None), apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys: {unknown}; valid keys: {sorted(known)}")
+    model = raw.get("model") or {}
+    model_known = {f.name for f in dataclasses.fields(HybridConfig)}
+    bad = sorted(set(model) - model_known)
+    if bad:
+        raise ValueError(f"unknown model keys: {bad}")
+    raw["model"] = model
+    return TrainConfig(**raw)

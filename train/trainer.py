@@ -1,0 +1,235 @@
+"""The hybrid training stage: one loop for a laptop CPU and for multi-GPU ``accelerate launch``.
+
+Everything that is trained is one module (``HybridModel``) handed to ``accelerator.prepare``;
+the frozen image codec stays outside it. Run state (model, optimizer, LR schedule, RNG states)
+is saved with ``accelerator.save_state`` every ``save_every`` steps under
+``<output_dir>/checkpoints/step_XXXXXXX`` and a restarted run resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from encoders.latents import build_codec
+from hybrid.checkpoint import save_pretrained_model
+from hybrid.losses import hybrid_loss
+from hybrid.model import HybridModel
+from hybrid.sampling import generate_images
+from hybrid.sequence import SampleBuilder
+from hybrid.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
+from schedulers import get_scheduler
+from train.config import TrainConfig
+from train.data import ShapesTrainSet
+from train.shapes import ShapesWorld
+
+STATE_FILE = "trainer_state.json"
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint (one whose trainer_state.json was written last)."""
+    ckpts = []
+    for p in (output_dir / "checkpoints").glob("step_*"):
+        m = re.fullmatch(r"step_(\d+)", p.name)
+        if m and (p / STATE_FILE).is_file():
+            ckpts.append((int(m.group(1)), p))
+    return max(ckpts)[1] if ckpts else None
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on norms, biases and embeddings (the usual Llama / nanoGPT split).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def sample_prompts(world: ShapesWorld, n: int, heldout: bool) -> list[str]:
+    """A fixed spread of prompts over GenEval's tags (half held-out compositions if asked)."""
+    n_held = n // 2 if heldout else 0
+    rows = world.prompts("train", n_per_tag=1)[: n - n_held]
+    if n_held:
+        rows += world.prompts("heldout", n_per_tag=1)[:n_held]
+    return [r["prompt"] for r in rows]
+
+
+def save_sample_grid(pixels: torch.Tensor, prompts: list[str], path: Path, scale: int = 4) -> None:
+    """Images side by side (upscaled, nearest) and the prompts in a text file next to them."""
+    imgs = (pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
+    n, H, W, _ = imgs.shape
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    grid = Image.new("RGB", (cols * W * scale + (cols + 1) * 2, rows * H * scale + (rows + 1) * 2), (40, 40, 40))
+    for i, im in enumerate(imgs):
+        tile = Image.fromarray(im).resize((W * scale, H * scale), Image.NEAREST)
+        grid.paste(tile, (2 + (i % cols) * (W * scale + 2), 2 + (i // cols) * (H * scale + 2)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    path.with_suffix(".txt").write_text("\n".join(f"{i}: {p}" for i, p in enumerate(prompts)) + "\n")
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) the hybrid stage. Returns the exported model folder."""
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+    )
+    set_seed(cfg.seed)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+
+    world = ShapesWorld(resolution=cfg.model_config().image_size, seed=cfg.seed)
+    tok_dir = out / "tokenizer"
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    else:
+        if main and not (tok_dir / "tokenizer.json").is_file():
+            train_tokenizer(world.corpus_texts(20_000), cfg.tokenizer_vocab).save_pretrained(str(tok_dir))
+        accelerator.wait_for_everyone()
+        tokenizer = load_tokenizer(tok_dir)
+    if main and cfg.tokenizer:
+        tokenizer.save_pretrained(str(tok_dir))
+
+    mcfg = cfg.model_config(vocab_size=len(tokenizer), **special_token_ids(tokenizer))
+    model = HybridModel(mcfg)
+    scheduler = get_scheduler(mcfg.scheduler)
+    codec = build_codec(mcfg.image_codec).to(accelerator.device).eval()
+    dataset = ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
+                             caption_dropout=mcfg.caption_dropout, seed=cfg.seed)
+    collate = SampleBuilder(tokenizer, mcfg, seq_len=cfg.seq_len, truncate_long=False)
+    # Sequential order: the data is already random per index, and resuming = skipping batches.
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=cfg.num_workers, drop_last=True)
+    optimizer = build_optimizer(model, cfg)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # The LR schedule is not prepared: accelerate would step it once per process per step.
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(lr_sched)
+
+    step = 0
+    resume_from = None if cfg.resume == "none" else latest_checkpoint(out) if cfg.resume == "auto" else Path(cfg.resume)
+    if resume_from is not None:
+        if not (resume_from / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{resume_from} is not a complete checkpoint (no {STATE_FILE})")
+        accelerator.load_state(str(resume_from))
+        step = json.loads((resume_from / STATE_FILE).read_text())["step"]
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+    accelerator.init_trackers("hybrid", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)})
+
+    log_file = (out / "log.jsonl").open("a") if main else None
+    prompts = sample_prompts(world, cfg.num_samples, cfg.heldout_eval)
+    unwrapped: HybridModel = accelerator.unwrap_model(model)
+    if main:
+        accelerator.print(f"model: {unwrapped.num_parameters() / 1e6:.2f}M parameters, "
+                          f"{mcfg.image_tokens} tokens per image, scheduler={mcfg.scheduler}")
+
+    def checkpoint(at: int) -> None:
+        path = out / "checkpoints" / f"step_{at:07d}"
+        accelerator.save_state(str(path))
+        if main:
+            # Written last: its presence marks the checkpoint complete (a killed save is ignored).
+            (path / STATE_FILE).write_text(json.dumps({"step": at}))
+            done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
+            for old in done[: -cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def sample(at: int) -> None:
+        if not main:
+            return
+        unwrapped.eval()
+        ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        g = torch.Generator(accelerator.device).manual_seed(cfg.seed)
+        pixels = generate_images(unwrapped, ids, get_scheduler(mcfg.scheduler), codec, cfg.sample_steps,
+                                 cfg.guidance_scale, generator=g, attn_impl=mcfg.attn_impl)
+        save_sample_grid(pixels, prompts, out / "samples" / f"step_{at:07d}.png")
+        unwrapped.train()
+
+    model.train()
+    batches = accelerator.skip_first_batches(loader, step * cfg.grad_accum) if step else loader
+    bar = tqdm(total=cfg.steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
+    t_last, tokens_since = time.perf_counter(), 0
+    micro = 0
+    for batch in batches:
+        if step >= cfg.steps:
+            break
+        with accelerator.accumulate(model):
+            loss = hybrid_loss(model, batch, scheduler, codec, mcfg.patch_size, mcfg.image_loss_weight, mcfg.attn_impl)
+            accelerator.backward(loss.total)
+            if accelerator.sync_gradients and cfg.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                lr_sched.step()
+            optimizer.zero_grad(set_to_none=True)
+        tokens_since += batch.num_tokens * accelerator.num_processes
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            rec = {
+                "step": step,
+                "loss": loss.total.item(),
+                "text_loss": loss.text.item(),
+                "image_loss": loss.image.item(),
+                "lr": lr_sched.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if cfg.grad_clip > 0 else None,
+                "tokens_per_s": tokens_since / (now - t_last),
+            }
+            t_last, tokens_since = now, 0
+            accelerator.log({k: v for k, v in rec.items() if v is not None and k != "step"}, step=step)
+            if main:
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", text=f"{rec['text_loss']:.3f}",
+                                image=f"{rec['image_loss']:.4f}", lr=f"{rec['lr']:.1e}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}")
+        bar.update(1)
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            checkpoint(step)
+        if step % cfg.sample_every == 0 and step < cfg.steps:
+            sample(step)
+    bar.close()
+
+    checkpoint(step)
+    sample(step)
+    final = out / "final"
+    if main:
+        save_pretrained_model(unwrapped, final)
+        tokenizer.save_pretrained(str(final / "tokenizer"))
+        (final / "scheduler.json").write_text(json.dumps(scheduler.to_dict(), indent=2))
+        log_file.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
