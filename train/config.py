@@ -14,6 +14,8 @@ file or in an override, are errors: a typo must not silently train the default.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,9 @@ class TrainConfig:
     sample_steps: int = 25
     guidance_scale: float = 3.0
     resume: str = "auto"  # "auto": latest checkpoint in output_dir if any; "none"; or a path
+    # End this invocation after this step (checkpointing there) while the LR schedule still
+    # follows ``steps``: for job-time limits, and for tests of exact resumption.
+    stop_at: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -126,5 +131,37 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     bad = sorted(set(model) - model_known)
     if bad:
         raise ValueError(f"unknown model keys: {bad}")
-    raw["model"] = model
-    return TrainConfig(**raw)
+    raw["model"] = {k: _coerce(f"model.{k}", HYBRID_TYPES[k], v) for k, v in model.items()}
+    return TrainConfig(**{k: v if k == "model" else _coerce(k, TRAIN_TYPES[k], v) for k, v in raw.items()})
+
+
+TRAIN_TYPES = typing.get_type_hints(TrainConfig)
+HYBRID_TYPES = typing.get_type_hints(HybridConfig)
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Check a value against a field's annotation; accept what YAML 1.1 leaves as a string
+    (``1e-4`` is a str to PyYAML) when it parses as the declared number."""
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if value is None and type(None) in options:
+        return None
+    for t in options:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+        elif t in (int, float):
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int) or (t is float and isinstance(value, float)):
+                return t(value)
+            if isinstance(value, str):
+                try:
+                    return t(value)
+                except ValueError:
+                    pass
+        elif t is str and isinstance(value, str):
+            return value
+        elif typing.get_origin(t) is dict and isinstance(value, dict):
+            return value
+    expected = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+    raise ValueError(f"{name}: expected {expected}, got {value!r}")

@@ -47,6 +47,22 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(ckpts)[1] if ckpts else None
 
 
+class NoiseRNG:
+    """The generator behind diffusion timesteps and noise, checkpointed with the run.
+
+    Kept apart from torch's global RNG on purpose: creating a DataLoader iterator draws from the
+    global RNG, so a resumed run (a new iterator) would otherwise see different noise."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on norms, biases and embeddings (the usual Llama / nanoGPT split).
     decay, no_decay = [], []
@@ -133,7 +149,8 @@ def train(cfg: TrainConfig) -> Path:
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     # The LR schedule is not prepared: accelerate would step it once per process per step.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accelerator.register_for_checkpointing(lr_sched)
+    noise_rng = NoiseRNG(cfg.seed + 1000 * accelerator.process_index, accelerator.device)
+    accelerator.register_for_checkpointing(lr_sched, noise_rng)
 
     step = 0
     resume_from = None if cfg.resume == "none" else latest_checkpoint(out) if cfg.resume == "auto" else Path(cfg.resume)
@@ -179,11 +196,13 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
     micro = 0
+    end = min(cfg.steps, cfg.stop_at or cfg.steps)
     for batch in batches:
-        if step >= cfg.steps:
+        if step >= end:
             break
         with accelerator.accumulate(model):
-            loss = hybrid_loss(model, batch, scheduler, codec, mcfg.patch_size, mcfg.image_loss_weight, mcfg.attn_impl)
+            loss = hybrid_loss(model, batch, scheduler, codec, mcfg.patch_size, mcfg.image_loss_weight,
+                               mcfg.attn_impl, generator=noise_rng.generator)
             accelerator.backward(loss.total)
             if accelerator.sync_gradients and cfg.grad_clip > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -216,13 +235,19 @@ def train(cfg: TrainConfig) -> Path:
                                 image=f"{rec['image_loss']:.4f}", lr=f"{rec['lr']:.1e}",
                                 tok_s=f"{rec['tokens_per_s']:.0f}")
         bar.update(1)
-        if step % cfg.save_every == 0 and step < cfg.steps:
+        if step % cfg.save_every == 0 and step < end:
             checkpoint(step)
-        if step % cfg.sample_every == 0 and step < cfg.steps:
+        if step % cfg.sample_every == 0 and step < end:
             sample(step)
     bar.close()
 
     checkpoint(step)
+    if step < cfg.steps:
+        accelerator.print(f"stopped at step {step} of {cfg.steps}; rerun the same command to resume")
+        if log_file:
+            log_file.close()
+        accelerator.end_training()
+        return out / "checkpoints" / f"step_{step:07d}"
     sample(step)
     final = out / "final"
     if main:

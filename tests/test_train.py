@@ -1,0 +1,73 @@
+"""The training entry point: config handling, artifacts, exact resumption after a stop."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train.__main__ import main
+from train.config import load_config
+
+DEBUG = "train/configs/debug.yaml"
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    cfg = load_config(DEBUG, ["steps=7", "lr=1e-4", "model.dim=32", "model.n_heads=2"])
+    assert cfg.steps == 7 and cfg.lr == 1e-4 and cfg.model_config().dim == 32
+    with pytest.raises(ValueError, match="unknown config keys: \\['stepz'\\]"):
+        load_config(DEBUG, ["stepz=3"])
+    with pytest.raises(ValueError, match="unknown model keys"):
+        load_config(DEBUG, ["model.width=3"])
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        load_config(DEBUG, ["steps"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: debug\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="steps: expected int, got 'many'"):
+        load_config(DEBUG, ["steps=many"])
+    assert main([DEBUG, "steps=0"]) == 2  # invalid value: a clear error, exit code 2
+
+
+def run(out, *extra):
+    assert main([DEBUG, f"output_dir={out}", "steps=12", "save_every=4", "log_every=2", *extra]) == 0
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(straight)
+    run(resumed, "stop_at=6")  # as if the job were killed after its step-4 checkpoint... at step 6
+    state = json.loads((resumed / "checkpoints" / "step_0000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and not (resumed / "final").exists()
+    run(resumed)  # same command again: resumes from step 6
+    a = load_file(straight / "final" / "model.safetensors")
+    b = load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    log_a = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_b] == [2, 4, 6, 8, 10, 12]
+    for ra, rb in zip(log_a, log_b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    # artifacts of a finished run
+    assert (straight / "config.yaml").is_file()
+    assert (straight / "final" / "config.json").is_file()
+    assert (straight / "final" / "tokenizer" / "tokenizer.json").is_file()
+    assert list((straight / "samples").glob("*.png"))
+    assert list((straight / "tensorboard").rglob("events.out.tfevents*"))
+    kept = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert kept == ["step_0000008", "step_0000012"]  # keep_checkpoints=2
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    out = tmp_path / "run"
+    run(out, "stop_at=4")
+    # a save killed half-way: directory without trainer_state.json
+    (out / "checkpoints" / "step_0000010").mkdir()
+    from train.trainer import latest_checkpoint
+
+    assert latest_checkpoint(out).name == "step_0000004"
