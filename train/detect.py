@@ -5,8 +5,11 @@ few rules (counts, colours, relative positions). In the shapes world the objects
 exactly, so a small hand-written detector replaces both models: foreground pixels are those
 nearest to a palette colour rather than the background, connected components become objects,
 each object's colour is the palette colour nearest its median RGB, and its shape is the
-:func:`train.shapes.shape_mask` template with the best IoU over the component's bounding box.
-On clean renders this is exact; on noisy ones a 3x3 median filter is applied first.
+:func:`train.shapes.shape_mask` template with the best IoU around the component's bounding box
+(a small search over sizes and offsets absorbs noise specks and eroded corners). On clean
+renders this is exact; at 32x32 it keeps >= 98.7% of (shape, colour) sets under Gaussian noise
+up to sigma 0.1 plus a 0.5 px blur, but heavier blur (1 px: ~76%) blurs small diamonds into
+circles, so scores of very blurry samples are pessimistic.
 
 :func:`relative_position` and :func:`evaluate` follow GenEval's ``evaluate_images.py``, so the
 same numbers mean the same thing as GenEval's, only with our detector in the loop.
@@ -59,14 +62,6 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     raise ValueError(f"expected uint8 or float image array, got dtype {arr.dtype}")
 
 
-def _median3(arr: np.ndarray) -> np.ndarray:
-    """3x3 median filter per channel with edge padding: (H, W, 3) -> (H, W, 3) float."""
-    h, w = arr.shape[:2]
-    pad = np.pad(arr.astype(np.float32), ((1, 1), (1, 1), (0, 0)), mode="edge")
-    stack = np.stack([pad[i:i + h, j:j + w] for i in range(3) for j in range(3)])  # (9, H, W, 3)
-    return np.median(stack, axis=0)
-
-
 def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """4-connected components of a boolean (H, W) mask.
 
@@ -96,16 +91,42 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return out, len(roots)
 
 
+def _best_template(comp: np.ndarray, bbox: tuple[int, int, int, int],
+                   shapes: Sequence[str]) -> tuple[int, float]:
+    """Index of the shape whose template best explains the component, and its IoU.
+
+    Square templates of sizes max(w, h) - 2 .. max(w, h) + 1 are slid over a window of the
+    component padded by 2 pixels, so a noise speck stuck to the border (box 1 px too big) or an
+    eroded corner (box 1 px too small) does not misalign the template. On a clean render the
+    true shape at the true box gives IoU exactly 1 and no other placement can.
+    """
+    x0, y0, x1, y1 = bbox
+    area = comp.sum()
+    pad = np.pad(comp, 3)[y0 + 1:y1 + 5, x0 + 1:x1 + 5]  # bbox plus 2 px each side, (h+4, w+4)
+    top = max(x1 - x0, y1 - y0)
+    best, best_iou = 0, -1.0
+    for k in range(max(1, top - 2), top + 2):
+        if k > min(pad.shape):
+            break
+        windows = np.lib.stride_tricks.sliding_window_view(pad, (k, k))  # (ny, nx, k, k)
+        for i, s in enumerate(shapes):
+            t = shape_mask(s, k, k)
+            inter = np.einsum("yxij,ij->yx", windows.astype(np.int32), t.astype(np.int32))
+            iou = float((inter / (area + t.sum() - inter)).max())
+            if iou > best_iou + 1e-9:  # strict: ties keep the earlier (shape, smaller size)
+                best, best_iou = i, iou
+    return best, best_iou
+
+
 def detect(image: Image.Image | np.ndarray, *, palette: dict[str, tuple[int, int, int]] = PALETTE,
            background: tuple[int, int, int] = BACKGROUND, shapes: Sequence[str] = SHAPES,
-           min_area: int | None = None, denoise: bool | None = None, max_color_distance: float = 120.0,
+           min_area: int | None = None, max_color_distance: float = 120.0,
            min_confidence: float = 0.3) -> list[Detection]:
     """Detect the shapes in ``image``; most confident first (GenEval's ordering assumption).
 
-    ``denoise=None`` filters only when some pixel is not an exact palette/background colour,
-    so clean renders keep pixel-exact boxes. ``min_area`` (default H*W/128, at least 6) drops
-    noise specks. Confidence = template IoU x colour closeness (1 - distance /
-    ``max_color_distance``); detections below ``min_confidence`` are dropped.
+    ``min_area`` (default H*W/128, at least 6) drops noise specks. Confidence = template IoU x
+    colour closeness (1 - distance of the component's median colour / ``max_color_distance``);
+    detections below ``min_confidence`` are dropped. Boxes are the components' pixel extents.
     """
     arr = to_rgb_array(image)
     h, w = arr.shape[:2]
@@ -117,31 +138,23 @@ def detect(image: Image.Image | np.ndarray, *, palette: dict[str, tuple[int, int
         return d.argmin(-1), d.min(-1)
 
     work = arr.astype(np.float32)
-    label, dist = nearest(work)
-    if denoise or (denoise is None and dist.max() > 0):
-        work = _median3(arr)
-        label, dist = nearest(work)
-    fg = label != 0  # (H, W): nearer to some palette colour than to the background
+    fg = nearest(work)[0] != 0  # (H, W): nearer to some palette colour than to the background
     comps, n = connected_components(fg)
     min_area = min_area if min_area is not None else max(6, h * w // 128)
     out = []
     for k in range(n):
-        ys, xs = np.nonzero(comps == k)
+        comp = comps == k  # (H, W)
+        ys, xs = np.nonzero(comp)
         if len(ys) < min_area:
             continue
-        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-        crop = comps[y0:y1, x0:x1] == k  # (bh, bw)
-        ious = []
-        for s in shapes:
-            t = shape_mask(s, x1 - x0, y1 - y0)
-            ious.append(np.logical_and(crop, t).sum() / np.logical_or(crop, t).sum())
-        best = int(np.argmax(ious))  # ties go to the earlier shape: deterministic
+        bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         ci, cd = nearest(np.median(work[ys, xs], axis=0))
         if ci == 0:  # median is background-like (e.g. a ring of edge pixels): not an object
             continue
-        conf = float(ious[best]) * max(0.0, 1.0 - float(cd) / max_color_distance)
+        best, iou = _best_template(comp, bbox, shapes)
+        conf = iou * max(0.0, 1.0 - float(cd) / max_color_distance)
         if conf >= min_confidence:
-            out.append(Detection(shapes[best], names[int(ci) - 1], (x0, y0, x1, y1), len(ys), round(conf, 6)))
+            out.append(Detection(shapes[best], names[int(ci) - 1], bbox, len(ys), round(conf, 6)))
     return sorted(out, key=lambda d: (-d.confidence, d.bbox[1], d.bbox[0]))
 
 

@@ -33,17 +33,9 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 # GenEval's colour vocabulary; values chosen so every pair (and the background) is >= 105 apart
 # in RGB, which keeps nearest-colour classification reliable under noise.
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "orange": (255, 130, 0),
-    "yellow": (245, 230, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "purple": (150, 40, 200),
-    "pink": (255, 140, 200),
-    "brown": (110, 60, 20),
-    "black": (0, 0, 0),
-    "white": (255, 255, 255),
-}
+    "red": (220, 30, 30), "orange": (255, 130, 0), "yellow": (245, 230, 30), "green": (30, 160, 50),
+    "blue": (30, 70, 220), "purple": (150, 40, 200), "pink": (255, 140, 200), "brown": (110, 60, 20),
+    "black": (0, 0, 0), "white": (255, 255, 255)}
 COLORS: tuple[str, ...] = tuple(PALETTE)
 BACKGROUND: tuple[int, int, int] = (128, 128, 128)
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -69,10 +61,8 @@ def shape_mask(shape: str, width: int, height: int) -> np.ndarray:
     Pixels are tested at their centres; every mask touches all four sides of its box when
     width == height, so the detected bounding box equals the rendered one exactly.
     """
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    if width < 1 or height < 1:
-        raise ValueError(f"mask size must be positive, got {width}x{height}")
+    if shape not in SHAPES or width < 1 or height < 1:
+        raise ValueError(f"need a shape in {SHAPES} and a positive size, got {shape!r} {width}x{height}")
     ys, xs = np.mgrid[0:height, 0:width]  # (h, w) each
     dx = np.abs(xs + 0.5 - width / 2) / (width / 2)  # normalised |offset| of pixel centres
     dy = np.abs(ys + 0.5 - height / 2) / (height / 2)
@@ -103,10 +93,8 @@ class ShapeObject:
     size: int
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
-        if self.color not in PALETTE:
-            raise ValueError(f"unknown colour {self.color!r}; expected one of {COLORS}")
+        if self.shape not in SHAPES or self.color not in PALETTE:
+            raise ValueError(f"unknown shape/colour {self.shape!r}/{self.color!r}; expected {SHAPES}/{COLORS}")
         if self.size < 1 or (self.cx - self.size / 2) % 1 or (self.cy - self.size / 2) % 1:
             raise ValueError("size must be >= 1 and cx/cy - size/2 must be integers")
 
@@ -124,7 +112,6 @@ class ShapeObject:
 @dataclass(frozen=True)
 class Scene:
     """A set of non-overlapping objects on a square canvas of ``resolution`` pixels."""
-
     objects: tuple[ShapeObject, ...]
     resolution: int
 
@@ -132,7 +119,6 @@ class Scene:
 @dataclass
 class CaptionExample:
     """A GenEval-style prompt, its GenEval metadata row, and a scene/image satisfying it."""
-
     prompt: str
     tag: str
     metadata: dict
@@ -143,7 +129,6 @@ class CaptionExample:
 @dataclass
 class QuestionExample:
     """An MMBench-style question with options A-D, exactly one of which is correct."""
-
     question: str
     options: dict[str, str]
     answer: str
@@ -179,6 +164,16 @@ def with_article(word: str) -> str:
 def plural(name: str) -> str:
     """GenEval's plural rule: add "es" after a final "s", otherwise "s"."""
     return f"{name}es" if name.endswith("s") else f"{name}s"
+
+
+def _inc(cls: str, count: int = 1, **extra: object) -> dict:
+    """One GenEval include/exclude clause, keys in GenEval's order (class, count, color|position)."""
+    return {"class": cls, "count": count, **extra}
+
+
+def _row(tag: str, include: list[dict], prompt: str, exclude: list[dict] | None = None) -> dict:
+    """One GenEval metadata row, keys in GenEval's order: tag, include, [exclude], prompt."""
+    return {"tag": tag, "include": include, **({"exclude": exclude} if exclude else {}), "prompt": prompt}
 
 
 def _rng(*parts: object) -> random.Random:
@@ -227,12 +222,9 @@ class ShapesWorld:
         self.resolution, self.seed = int(resolution), int(seed)
         self.colors = tuple(colors) if colors is not None else COLORS
         self.shapes = tuple(shapes) if shapes is not None else SHAPES
-        for c in self.colors:
-            if c not in PALETTE:
-                raise ValueError(f"unknown colour {c!r}; expected a subset of {COLORS}")
-        for s in self.shapes:
-            if s not in SHAPES:
-                raise ValueError(f"unknown shape {s!r}; expected a subset of {SHAPES}")
+        bad = [c for c in self.colors if c not in PALETTE] + [s for s in self.shapes if s not in SHAPES]
+        if bad:
+            raise ValueError(f"unknown colour/shape names {bad}; colours: {COLORS}, shapes: {SHAPES}")
         if len(set(self.colors)) < 4 or len(set(self.shapes)) < 2:
             raise ValueError("need at least 4 distinct colours and 2 distinct shapes")
         self.min_size = min_size if min_size is not None else max(MIN_SHAPE_SIZE, round(resolution * 3 / 16))
@@ -250,10 +242,12 @@ class ShapesWorld:
         pairs = heldout_pairs if heldout_pairs is not None else [
             p for p in DEFAULT_HELDOUT_PAIRS if p[0] in self.colors and p[1] in self.shapes]
         self.heldout_pairs: frozenset[tuple[str, str]] = frozenset((c, s) for c, s in pairs)
-        for s in self.shapes:  # every shape needs a held-out colour and >= 2 training colours
-            n_held = sum(1 for c, s2 in self.heldout_pairs if s2 == s)
-            if n_held == 0 or len(self.colors) - n_held < 2:
-                raise ValueError(f"heldout_pairs must give shape {s!r} 1..{len(self.colors) - 2} held-out colours")
+        n_held = [sum(s2 == s for _, s2 in self.heldout_pairs) for s in self.shapes]
+        # every shape needs a held-out colour and >= 2 training colours; no foreign names
+        if any(c not in self.colors or s not in self.shapes for c, s in self.heldout_pairs) or \
+                not all(1 <= n <= len(self.colors) - 2 for n in n_held):
+            raise ValueError(f"heldout_pairs {sorted(self.heldout_pairs)} must use this world's colours and "
+                             f"give every shape 1..{len(self.colors) - 2} held-out colours")
 
     # ----------------------------------------------------------------- sampling helpers
     def _check(self, split: str, tag: str | None = None) -> None:
@@ -264,30 +258,26 @@ class ShapesWorld:
 
     def colors_for(self, shape: str, split: str, heldout_only: bool = False) -> list[str]:
         """Colours ``shape`` may take in ``split`` (train excludes held-out pairs)."""
-        if heldout_only:
-            return [c for c in self.colors if (c, shape) in self.heldout_pairs]
-        if split == "heldout":
+        if split == "heldout" and not heldout_only:
             return list(self.colors)
-        return [c for c in self.colors if (c, shape) not in self.heldout_pairs]
+        return [c for c in self.colors if ((c, shape) in self.heldout_pairs) == heldout_only]
 
     def _pairs(self, split: str, heldout_only: bool = False) -> list[tuple[str, str]]:
         return [(c, s) for s in self.shapes for c in self.colors_for(s, split, heldout_only)]
 
     def _place(self, rng: random.Random, specs: Sequence[tuple[str, str]],
                constraint: Callable[[list], bool] | None = None) -> Scene:
-        """Rejection-sample sizes and positions; shrink the size range if packing is hard."""
-        r, border = self.resolution, 1
+        """Place (colour, shape) specs by rejection sampling; shrink sizes if packing is hard."""
+        r = self.resolution
         for attempt in range(400):
             hi = max(self.min_size, self.max_size - attempt // 10)
             placed: list[ShapeObject] = []
-            for shape, color in specs:
+            for color, shape in specs:
                 for _ in range(40):
                     size = rng.randint(self.min_size, hi)
-                    x0 = rng.randint(border, r - border - size)
-                    y0 = rng.randint(border, r - border - size)
+                    x0, y0 = rng.randint(1, r - 1 - size), rng.randint(1, r - 1 - size)  # 1 px border
                     obj = ShapeObject.from_corner(shape, color, x0, y0, size)
-                    if all(_apart(obj, o, self.margin) for o in placed) and (
-                            constraint is None or constraint(placed + [obj])):
+                    if self._fits(obj, placed) and (constraint is None or constraint(placed + [obj])):
                         placed.append(obj)
                         break
                 else:
@@ -311,26 +301,21 @@ class ShapesWorld:
         held = split == "heldout"
         if tag == "single_object":
             s = rng.choice(self.shapes)
-            return {"tag": tag, "include": [{"class": s, "count": 1}], "prompt": f"a photo of {with_article(s)}"}
+            return _row(tag, [_inc(s)], f"a photo of {with_article(s)}")
         if tag == "two_object":
             a, b = rng.sample(self.shapes, 2)
-            return {"tag": tag, "include": [{"class": a, "count": 1}, {"class": b, "count": 1}],
-                    "prompt": f"a photo of {with_article(a)} and {with_article(b)}"}
+            return _row(tag, [_inc(a), _inc(b)], f"a photo of {with_article(a)} and {with_article(b)}")
         if tag == "counting":
             s, n = rng.choice(self.shapes), rng.randint(2, 4)
-            return {"tag": tag, "include": [{"class": s, "count": n}],
-                    "exclude": [{"class": s, "count": n + 1}],
-                    "prompt": f"a photo of {NUMBERS[n]} {plural(s)}"}
+            return _row(tag, [_inc(s, n)], f"a photo of {NUMBERS[n]} {plural(s)}", exclude=[_inc(s, n + 1)])
         if tag == "colors":
             c, s = rng.choice(self._pairs(split, heldout_only=held))
-            return {"tag": tag, "include": [{"class": s, "count": 1, "color": c}],
-                    "prompt": f"a photo of {with_article(c)} {s}"}
+            return _row(tag, [_inc(s, color=c)], f"a photo of {with_article(c)} {s}")
         if tag == "position":
             a, b = rng.sample(self.shapes, 2)  # prompt: "<a> <rel> <b>"; b is the reference
             rel = rng.choice(RELATIONS)
-            return {"tag": tag, "include": [{"class": b, "count": 1},
-                                            {"class": a, "count": 1, "position": [rel, 0]}],
-                    "prompt": f"a photo of {with_article(a)} {rel} {with_article(b)}"}
+            return _row(tag, [_inc(b), _inc(a, position=[rel, 0])],
+                        f"a photo of {with_article(a)} {rel} {with_article(b)}")
         # color_attr: two different shapes with two different colours (as in GenEval)
         first = rng.choice(self._pairs(split, heldout_only=held))
         others = [p for p in self._pairs(split) if p[0] != first[0] and p[1] != first[1]]
@@ -338,9 +323,8 @@ class ShapesWorld:
         if held and rng.random() < 0.5:
             pair.reverse()  # the held-out pair may be either the first or the second object
         (ca, sa), (cb, sb) = pair
-        return {"tag": tag, "include": [{"class": sa, "count": 1, "color": ca},
-                                        {"class": sb, "count": 1, "color": cb}],
-                "prompt": f"a photo of {with_article(ca)} {sa} and {with_article(cb)} {sb}"}
+        return _row(tag, [_inc(sa, color=ca), _inc(sb, color=cb)],
+                    f"a photo of {with_article(ca)} {sa} and {with_article(cb)} {sb}")
 
     def _scene_for(self, rng: random.Random, meta: dict, split: str) -> Scene:
         """A scene satisfying ``meta`` (see the class docstring for the rule)."""
@@ -355,7 +339,7 @@ class ShapesWorld:
         constraint = None
         if meta["tag"] == "position":
             constraint = _relation_is(meta["include"][1]["position"][0], 1, 0)
-        return self._place(rng, [(s, c) for c, s in specs], constraint)
+        return self._place(rng, specs, constraint)
 
     def caption_example(self, index: int, split: str = "train", tag: str | None = None) -> CaptionExample:
         """Caption ``index`` of ``split``; ``tag=None`` cycles through TAGS by index."""
@@ -377,16 +361,13 @@ class ShapesWorld:
         rows: list[dict] = []
         for tag in tags if tags is not None else TAGS:
             self._check(split, tag)
-            seen: set[str] = set()
-            got, i = 0, 0
-            while got < n_per_tag and i < (n_per_tag * 50 if unique else n_per_tag):
+            kept: dict[str, dict] = {}  # first-seen order; keyed by prompt when unique
+            for i in range(n_per_tag * 50 if unique else n_per_tag):
                 meta = self._sample_metadata(_rng(self.seed, split, "caption", i, tag), tag, split)
-                i += 1
-                if unique and meta["prompt"] in seen:
-                    continue
-                seen.add(meta["prompt"])
-                rows.append(meta)
-                got += 1
+                kept.setdefault(meta["prompt"] if unique else str(i), meta)
+                if len(kept) == n_per_tag:
+                    break
+            rows += kept.values()
         return rows
 
     # ----------------------------------------------------------------- questions & documents
@@ -433,78 +414,73 @@ class ShapesWorld:
             near = [p for p in absent if any(p[0] == q[0] or p[1] == q[1] for q in specs)]
             question, right = "Which of these objects is in the image?", f"{with_article(c)} {s}"
             wrong = [f"{with_article(x)} {y}" for x, y in rng.sample(near if len(near) >= 3 else absent, 3)]
-        scene = self._place(rng, [(sh, co) for co, sh in specs], constraint)
+        scene = self._place(rng, specs, constraint)
         values = sorted([right] + wrong, key=int) if category == "count" else rng.sample([right] + wrong, 4)
-        options = dict(zip("ABCD", values))
-        answer = "ABCD"[values.index(right)]
-        return QuestionExample(question, options, answer, category, scene, render(scene))
+        return QuestionExample(question, dict(zip("ABCD", values)), "ABCD"[values.index(right)], category,
+                               scene, render(scene))
 
     def interleaved_example(self, index: int, split: str = "train") -> list[str | Image.Image]:
         """A short document [text, image, text, image, ...]; each text describes the next image.
 
         Starts from one object ("Here is a red circle.") and applies 1-2 grounded edits: move
-        it, add an object at a stated relation, or recolour it.
+        an object, add one at a stated relation to another, or recolour one.
         """
         self._check(split)
         rng = _rng(self.seed, split, "interleaved", index)
         c, s = rng.choice(self._pairs(split, heldout_only=split == "heldout"))
-        scene = self._place(rng, [(s, c)])
+        scene = self._place(rng, [(c, s)])
         doc: list[str | Image.Image] = [f"Here is {with_article(c)} {s}.", render(scene)]
         for _ in range(rng.randint(1, 2)):
-            for action in rng.sample([self._doc_move, self._doc_add, self._doc_recolor], 3):
-                step = action(rng, scene, split)
+            for action in rng.sample(["move", "add", "recolor"], 3):
+                step = self._doc_edit(rng, scene, split, action)
                 if step is not None:
-                    text, scene = step
-                    doc += [text, render(scene)]
+                    doc += [step[0], render(step[1])]
+                    scene = step[1]
                     break
         return doc
 
     def _fits(self, obj: ShapeObject, others: Sequence[ShapeObject]) -> bool:
+        """Inside the canvas with a 1 px border, and ``margin`` px away from every other object."""
         x0, y0, x1, y1 = obj.bbox
         inside = 1 <= min(x0, y0) and max(x1, y1) <= self.resolution - 1
         return inside and all(_apart(obj, o, self.margin) for o in others)
 
-    def _doc_move(self, rng: random.Random, scene: Scene, split: str) -> tuple[str, Scene] | None:
-        from train.detect import relative_position
-        objs = list(scene.objects)
+    def _doc_edit(self, rng: random.Random, scene: Scene, split: str, action: str) -> tuple[str, Scene] | None:
+        """One edit of ``scene`` and the sentence describing it, or None if it cannot be done.
+
+        Objects in a document have distinct (colour, shape) pairs, so "the red circle" is unique.
+        """
+        objs, r = list(scene.objects), scene.resolution
+        present = {(o.color, o.shape) for o in objs}
         i = rng.randrange(len(objs))
-        o, rest = objs[i], objs[:i] + objs[i + 1:]
-        for phrase, rel in rng.sample(list(_MOVES.items()), len(_MOVES)):
-            for _ in range(10):
-                d = rng.randint(o.size // 2 + 1, o.size + 2)  # > 0.4 * size: the relation holds
+        o = objs[i]
+        if action == "recolor":
+            choices = [x for x in self.colors_for(o.shape, split) if (x, o.shape) not in present]
+            if not choices:
+                return None
+            objs[i] = ShapeObject(o.shape, rng.choice(choices), o.cx, o.cy, o.size)
+            return f"Now the {o.color} {o.shape} turns {objs[i].color}.", Scene(tuple(objs), r)
+        if action == "add" and len(objs) >= 3:
+            return None
+        c, s = rng.choice([p for p in self._pairs(split) if p not in present])  # for "add"
+        phrase, rel = rng.choice(list(_MOVES.items()))  # new position relative to ``o``
+        others = objs[:i] + objs[i + 1:] if action == "move" else objs
+        for _ in range(100):
+            if action == "move":  # a step of more than 0.4 x size makes the relation hold
+                d = rng.randint(o.size // 2 + 1, o.size + 2)
                 dx, dy = {"left of": (-d, 0), "right of": (d, 0), "above": (0, -d), "below": (0, d)}[rel]
                 new = ShapeObject.from_corner(o.shape, o.color, o.bbox[0] + dx, o.bbox[1] + dy, o.size)
-                if self._fits(new, rest) and relative_position(new, o) == {rel}:
-                    objs[i] = new
-                    return f"Now the {o.color} {o.shape} moves {phrase}.", Scene(tuple(objs), scene.resolution)
-        return None
-
-    def _doc_add(self, rng: random.Random, scene: Scene, split: str) -> tuple[str, Scene] | None:
-        if len(scene.objects) >= 3:
+            else:
+                size = rng.randint(self.min_size, self.max_size)
+                new = ShapeObject.from_corner(s, c, rng.randint(1, r - 1 - size), rng.randint(1, r - 1 - size), size)
+            if self._fits(new, others) and _relation_is(rel, 0, 1)([new, o]):
+                break
+        else:
             return None
-        present = {(o.color, o.shape) for o in scene.objects}
-        c, s = rng.choice([p for p in self._pairs(split) if p not in present])
-        anchor, rel = rng.choice(scene.objects), rng.choice(RELATIONS)
-        check = _relation_is(rel, 1, 0)
-        for _ in range(100):
-            size = rng.randint(self.min_size, self.max_size)
-            x0, y0 = (rng.randint(1, self.resolution - 1 - size) for _ in range(2))
-            new = ShapeObject.from_corner(s, c, x0, y0, size)
-            if self._fits(new, scene.objects) and check([anchor, new]):
-                text = f"Then {with_article(c)} {s} appears {rel} the {anchor.color} {anchor.shape}."
-                return text, Scene(scene.objects + (new,), scene.resolution)
-        return None
-
-    def _doc_recolor(self, rng: random.Random, scene: Scene, split: str) -> tuple[str, Scene] | None:
-        present = {(o.color, o.shape) for o in scene.objects}
-        i = rng.randrange(len(scene.objects))
-        o = scene.objects[i]
-        choices = [x for x in self.colors_for(o.shape, split) if (x, o.shape) not in present]
-        if not choices:
-            return None
-        new = ShapeObject(o.shape, rng.choice(choices), o.cx, o.cy, o.size)
-        objs = scene.objects[:i] + (new,) + scene.objects[i + 1:]
-        return f"Now the {o.color} {o.shape} turns {new.color}.", Scene(objs, scene.resolution)
+        if action == "add":
+            return f"Then {with_article(c)} {s} appears {rel} the {o.color} {o.shape}.", Scene((*objs, new), r)
+        objs[i] = new
+        return f"Now the {o.color} {o.shape} moves {phrase}.", Scene(tuple(objs), r)
 
     # ----------------------------------------------------------------- tokenizer corpus
     def corpus_texts(self, n: int = 1000) -> list[str]:
@@ -521,7 +497,8 @@ class ShapesWorld:
             kind, j = i % 3, i // 3
             if kind == 0:
                 tag = TAGS[j % len(TAGS)]
-                texts.append(self._sample_metadata(_rng(self.seed, "train", "caption", j, tag), tag, "train")["prompt"])
+                rng = _rng(self.seed, "train", "caption", j, tag)  # same prompt as caption_example(j)
+                texts.append(self._sample_metadata(rng, tag, "train")["prompt"])
             elif kind == 1:
                 q = self.question_example(j, "train")
                 texts.append(f"{q.format()} {q.answer}")
