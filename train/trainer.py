@@ -47,22 +47,6 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(ckpts)[1] if ckpts else None
 
 
-class NoiseRNG:
-    """The generator behind diffusion timesteps and noise, checkpointed with the run.
-
-    Kept apart from torch's global RNG on purpose: creating a DataLoader iterator draws from the
-    global RNG, so a resumed run (a new iterator) would otherwise see different noise."""
-
-    def __init__(self, seed: int, device: torch.device):
-        self.generator = torch.Generator(device).manual_seed(seed)
-
-    def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
-
-
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on norms, biases and embeddings (the usual Llama / nanoGPT split).
     decay, no_decay = [], []
@@ -149,8 +133,12 @@ def train(cfg: TrainConfig) -> Path:
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     # The LR schedule is not prepared: accelerate would step it once per process per step.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    noise_rng = NoiseRNG(cfg.seed + 1000 * accelerator.process_index, accelerator.device)
-    accelerator.register_for_checkpointing(lr_sched, noise_rng)
+    accelerator.register_for_checkpointing(lr_sched)
+    # Diffusion timesteps and noise come from a generator reseeded from (seed, process, batch
+    # number) before every batch: a pure function of position in the run, so a resumed run on
+    # any number of processes draws exactly what the uninterrupted run drew. (torch's global
+    # RNG is no good here: every new DataLoader iterator draws from it.)
+    noise_gen = torch.Generator(accelerator.device)
 
     step = 0
     resume_from = None if cfg.resume == "none" else latest_checkpoint(out) if cfg.resume == "auto" else Path(cfg.resume)
@@ -195,14 +183,15 @@ def train(cfg: TrainConfig) -> Path:
     batches = accelerator.skip_first_batches(loader, step * cfg.grad_accum) if step else loader
     bar = tqdm(total=cfg.steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
-    micro = 0
+    micro = step * cfg.grad_accum  # batches consumed so far on this process
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
     for batch in batches:
         if step >= end:
             break
+        noise_gen.manual_seed((cfg.seed * 1_000_003 + accelerator.process_index) * 1_000_003 + micro)
         with accelerator.accumulate(model):
             loss = hybrid_loss(model, batch, scheduler, codec, mcfg.patch_size, mcfg.image_loss_weight,
-                               mcfg.attn_impl, generator=noise_rng.generator)
+                               mcfg.attn_impl, generator=noise_gen)
             accelerator.backward(loss.total)
             if accelerator.sync_gradients and cfg.grad_clip > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
