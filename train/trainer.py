@@ -32,6 +32,7 @@ from hybrid.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 from schedulers import get_scheduler
 from train.config import TrainConfig
 from train.data import ShapesTrainSet
+from train.detect import detect, evaluate
 from train.shapes import ShapesWorld
 
 STATE_FILE = "trainer_state.json"
@@ -68,20 +69,35 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def sample_prompts(world: ShapesWorld, n: int, heldout: bool) -> list[str]:
-    """A fixed spread of prompts over GenEval's tags (half held-out compositions if asked)."""
+def sample_prompts(world: ShapesWorld, n: int, heldout: bool) -> list[dict]:
+    """A fixed spread of GenEval-format prompt rows over the six tags; the second half from the
+    held-out compositions if asked. Each row gets a "split" key."""
     n_held = n // 2 if heldout else 0
-    rows = world.prompts("train", n_per_tag=1)[: n - n_held]
-    if n_held:
-        rows += world.prompts("heldout", n_per_tag=1)[:n_held]
-    return [r["prompt"] for r in rows]
+    per_tag = -(-n // 6)
+
+    def spread(split: str) -> list[dict]:  # round-robin over tags (prompts() groups by tag)
+        rows = world.prompts(split, n_per_tag=per_tag)
+        return [{**r, "split": split} for i in range(per_tag) for r in rows[i::per_tag]]
+
+    return spread("train")[: n - n_held] + (spread("heldout")[:n_held] if n_held else [])
+
+
+def score_samples(pixels: torch.Tensor, rows: list[dict]) -> dict[str, float]:
+    """GenEval's rule applied by the shapes detector: the fraction of images that satisfy their
+    prompt, per split. A quick learning signal, not the full evaluation."""
+    imgs = (pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
+    hits: dict[str, list[bool]] = {}
+    for img, row in zip(imgs, rows):
+        meta = {k: v for k, v in row.items() if k != "split"}
+        hits.setdefault(row["split"], []).append(evaluate(detect(img), meta)[0])
+    return {f"sample_accuracy_{k}": sum(v) / len(v) for k, v in hits.items()}
 
 
 def save_sample_grid(pixels: torch.Tensor, prompts: list[str], path: Path, scale: int = 4) -> None:
     """Images side by side (upscaled, nearest) and the prompts in a text file next to them."""
     imgs = (pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
     n, H, W, _ = imgs.shape
-    cols = min(n, 4)
+    cols = min(n, 6)
     rows = math.ceil(n / cols)
     grid = Image.new("RGB", (cols * W * scale + (cols + 1) * 2, rows * H * scale + (rows + 1) * 2), (40, 40, 40))
     for i, im in enumerate(imgs):
@@ -172,11 +188,17 @@ def train(cfg: TrainConfig) -> Path:
         if not main:
             return
         unwrapped.eval()
-        ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        ids = [tokenizer.encode(r["prompt"], add_special_tokens=False) for r in prompts]
         g = torch.Generator(accelerator.device).manual_seed(cfg.seed)
         pixels = generate_images(unwrapped, ids, get_scheduler(mcfg.scheduler), codec, cfg.sample_steps,
                                  cfg.guidance_scale, generator=g, attn_impl=mcfg.attn_impl)
-        save_sample_grid(pixels, prompts, out / "samples" / f"step_{at:07d}.png")
+        path = out / "samples" / f"step_{at:07d}.png"
+        save_sample_grid(pixels, [f"[{r['split']}] {r['prompt']}" for r in prompts], path)
+        scores = score_samples(pixels, prompts)
+        accelerator.log(scores, step=at)
+        log_file.write(json.dumps({"step": at, **scores}) + "\n")
+        log_file.flush()
+        accelerator.print(f"step {at}: samples in {path}; " + ", ".join(f"{k}={v:.2f}" for k, v in scores.items()))
         unwrapped.train()
 
     model.train()
