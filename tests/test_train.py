@@ -42,6 +42,8 @@ def test_killed_run_resumes_exactly(tmp_path):
     run(resumed, "stop_at=6")  # as if the job were killed after its step-4 checkpoint... at step 6
     state = json.loads((resumed / "checkpoints" / "step_0000006" / "trainer_state.json").read_text())
     assert state["step"] == 6 and not (resumed / "final").exists()
+    with (resumed / "log.jsonl").open("a") as f:  # a record written after the checkpoint, then killed
+        f.write(json.dumps({"step": 8, "loss": -1.0}) + "\n")
     run(resumed)  # same command again: resumes from step 6
     a = load_file(straight / "final" / "model.safetensors")
     b = load_file(resumed / "final" / "model.safetensors")
@@ -63,9 +65,11 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert kept == ["step_0000008", "step_0000012"]  # keep_checkpoints=2
 
 
-def test_incomplete_checkpoint_is_ignored(tmp_path):
+def test_incomplete_checkpoint_is_ignored_and_a_changed_model_is_refused(tmp_path):
     out = tmp_path / "run"
     run(out, "stop_at=4")
+    with pytest.raises(ValueError, match="different model config \\(differs in \\['dim'"):
+        run(out, "model.dim=32")
     # a save killed half-way: directory without trainer_state.json
     (out / "checkpoints" / "step_0000010").mkdir()
     from train.trainer import latest_checkpoint

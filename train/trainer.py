@@ -48,6 +48,14 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(ckpts)[1] if ckpts else None
 
 
+def drop_log_after(log: Path, step: int) -> None:
+    """After a resume, forget log records past the checkpoint: they are about to be redone."""
+    if log.is_file():
+        lines = log.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        log.write_text("".join(line + "\n" for line in kept))
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on norms, biases and embeddings (the usual Llama / nanoGPT split).
     decay, no_decay = [], []
@@ -161,9 +169,16 @@ def train(cfg: TrainConfig) -> Path:
     if resume_from is not None:
         if not (resume_from / STATE_FILE).is_file():
             raise FileNotFoundError(f"{resume_from} is not a complete checkpoint (no {STATE_FILE})")
+        state = json.loads((resume_from / STATE_FILE).read_text())
+        if state.get("model_config") not in (None, mcfg.to_dict()):
+            diff = sorted(k for k, v in mcfg.to_dict().items() if state["model_config"].get(k) != v)
+            raise ValueError(f"{resume_from} was trained with a different model config (differs in {diff}); "
+                             f"use another output_dir, or resume=none to start over")
         accelerator.load_state(str(resume_from))
-        step = json.loads((resume_from / STATE_FILE).read_text())["step"]
+        step = state["step"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
+        if main:
+            drop_log_after(out / "log.jsonl", step)
     accelerator.init_trackers("hybrid", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)})
 
     log_file = (out / "log.jsonl").open("a") if main else None
@@ -178,7 +193,7 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.save_state(str(path))
         if main:
             # Written last: its presence marks the checkpoint complete (a killed save is ignored).
-            (path / STATE_FILE).write_text(json.dumps({"step": at}))
+            (path / STATE_FILE).write_text(json.dumps({"step": at, "model_config": mcfg.to_dict()}))
             done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
             for old in done[: -cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
