@@ -10,8 +10,9 @@ with pre-shifted text targets (``targets[i]`` is the token that should follow po
 into rows of a fixed length (first fit, in order), with position ids restarting at 0 for every
 sample and per-row document / span maps for the attention mask.
 
-Text-loss rule: every position whose next token is text, ``<boi>`` or ``<eos>`` is trained (so the
-model learns *when* to start an image). Positions inside an image span and the one predicting
+Text-loss rule: every position whose next token is text, ``<eos>`` or the ``<boi>`` of a generated
+image is trained (so the model learns *when* to start an image; the ``<boi>`` of an input image
+for understanding is not a prediction target). Positions inside an image span and the one predicting
 ``<eoi>`` are not: the pipeline inserts ``<eoi>`` itself after N image tokens.
 
 Length rule: a sample longer than ``seq_len`` raises ``SequenceTooLongError`` unless
@@ -109,7 +110,7 @@ def tokenize_sample(
             if img.shape != (3, image_size, image_size):
                 raise ValueError(f"image tensor must be (3, {image_size}, {image_size}), got {tuple(img.shape)}")
             tokens.append(ids.boi)
-            trained.append(True)
+            trained.append(seg.role == "gen")  # the model learns when to *draw*; inputs just arrive
             spans.append((len(tokens), n, GEN if seg.role == "gen" else UND))
             images.append(img)
             tokens += [ids.img] * n + [ids.eoi]

@@ -41,8 +41,10 @@ def test_caption_dropout_drops_only_caption_samples(debug_cfg, tokenizer):
 
 
 def test_understanding_span_length_and_role(debug_cfg, tokenizer):
-    s = tok_sample(debug_cfg, tokenizer, [ImageSegment(img(), role="und"), "a photo of a red circle"])
+    s = tok_sample(debug_cfg, tokenizer, ["Look:", ImageSegment(img(), role="und"), "a photo of a red circle"])
     assert s.spans[0][1:] == (debug_cfg.und_tokens, "und_image")
+    boi = s.spans[0][0] - 1
+    assert s.input_ids[boi] == debug_cfg.boi_id and s.targets[boi - 1] == IGNORE, "an input image's <boi> is not a target"
 
 
 def test_pack_documents_positions_and_index(debug_cfg, tokenizer):
