@@ -31,5 +31,5 @@ def load_pretrained_model(directory: str | Path, device: str | torch.device = "c
             raise FileNotFoundError(f"{directory} has no {name}; expected a folder from save_pretrained_model")
     cfg = HybridConfig.load(directory / CONFIG)
     model = HybridModel(cfg)
-    missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=True, device=str(device))
+    load_model(model, str(directory / WEIGHTS), strict=True, device=str(device))  # raises on any key mismatch
     return model.to(device)

@@ -88,7 +88,7 @@ def test_debug_model_overfits_one_batch(debug_cfg, tokenizer, sched):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     kw = dict(scheduler=scheduler, codec=PixelCodec(), patch_size=debug_cfg.patch_size)
     history = []
-    for step in range(40):
+    for _ in range(40):
         # Same timesteps and noise every step: a fixed regression problem to overfit.
         loss = hybrid_loss(model, batch, generator=torch.Generator().manual_seed(0), **kw)
         opt.zero_grad()

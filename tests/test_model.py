@@ -83,7 +83,6 @@ def test_flex_equals_sdpa_model_forward(debug_cfg, tokenizer):
     batch = batch_for(debug_cfg, tokenizer, SAMPLES + SAMPLES)
     n = batch.gen_index.shape[0]
     x, t = torch.randn(n, debug_cfg.image_tokens, debug_cfg.patch_dim), torch.rand(n) * 1000
-    und = None
     with torch.no_grad():
         a, b = run(model, batch, x, t, "sdpa"), run(model, batch, x, t, "flex")
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
