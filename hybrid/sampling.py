@@ -14,6 +14,16 @@ from torch import Tensor, nn
 from encoders.latents import unpatchify
 from hybrid.config import HybridConfig
 from hybrid.sequence import SpecialIds, TokenizedSample, pack
+from schedulers import Scheduler, get_scheduler
+
+
+def scheduler_for(cfg: HybridConfig) -> Scheduler:
+    """The model's configured scheduler. DDPM clips its x0 estimate to [-1, 1] when the latents
+    are bounded pixels: at t=999 the cosine schedule divides by sqrt(alpha_bar) ~ 0.007, and an
+    unclipped estimate from an imperfect model blows the sampling chain up to saturated noise."""
+    if cfg.scheduler == "ddpm":
+        return get_scheduler("ddpm", clip_sample=cfg.image_codec == "pixel")
+    return get_scheduler(cfg.scheduler)
 
 
 def image_prompt_rows(prompt_ids: list[list[int]], cfg: HybridConfig, with_uncond: bool) -> list[TokenizedSample]:

@@ -26,10 +26,9 @@ from encoders.latents import build_codec
 from hybrid.checkpoint import save_pretrained_model
 from hybrid.losses import hybrid_loss
 from hybrid.model import HybridModel
-from hybrid.sampling import generate_images
+from hybrid.sampling import generate_images, scheduler_for
 from hybrid.sequence import SampleBuilder
 from hybrid.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
-from schedulers import get_scheduler
 from train.config import TrainConfig
 from train.data import ShapesTrainSet
 from train.detect import detect, evaluate
@@ -145,7 +144,7 @@ def train(cfg: TrainConfig) -> Path:
 
     mcfg = cfg.model_config(vocab_size=len(tokenizer), **special_token_ids(tokenizer))
     model = HybridModel(mcfg)
-    scheduler = get_scheduler(mcfg.scheduler)
+    scheduler = scheduler_for(mcfg)
     codec = build_codec(mcfg.image_codec).to(accelerator.device).eval()
     dataset = ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
                              caption_dropout=mcfg.caption_dropout, seed=cfg.seed)
@@ -205,7 +204,7 @@ def train(cfg: TrainConfig) -> Path:
         unwrapped.eval()
         ids = [tokenizer.encode(r["prompt"], add_special_tokens=False) for r in prompts]
         g = torch.Generator(accelerator.device).manual_seed(cfg.seed)
-        pixels = generate_images(unwrapped, ids, get_scheduler(mcfg.scheduler), codec, cfg.sample_steps,
+        pixels = generate_images(unwrapped, ids, scheduler_for(mcfg), codec, cfg.sample_steps,
                                  cfg.guidance_scale, generator=g, attn_impl=mcfg.attn_impl)
         path = out / "samples" / f"step_{at:07d}.png"
         save_sample_grid(pixels, [f"[{r['split']}] {r['prompt']}" for r in prompts], path)

@@ -1,0 +1,70 @@
+"""The image sampling loop: shapes, seeding, CFG batching, and DDPM's x0 clipping."""
+
+import pytest
+import torch
+
+from encoders.latents import PixelCodec
+from hybrid.model import HybridModel
+from hybrid.sampling import generate_images, scheduler_for
+from schedulers import get_scheduler
+
+
+def prompts(tokenizer):
+    return [tokenizer.encode(p, add_special_tokens=False) for p in ["a photo of a red circle", "a photo of two blue squares"]]
+
+
+@pytest.mark.parametrize("sched", ["ddpm", "flow"])
+def test_shapes_and_seed_reproducibility(debug_cfg, tokenizer, sched):
+    debug_cfg.scheduler = sched
+    model = HybridModel(debug_cfg).eval()
+    torch.nn.init.normal_(model.image_out.weight, std=0.02)
+    run = lambda seed: generate_images(model, prompts(tokenizer), scheduler_for(debug_cfg), PixelCodec(), 4, 3.0,
+                                       generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (2, 3, debug_cfg.image_size, debug_cfg.image_size)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_ddpm_clips_x0_for_pixel_latents(debug_cfg):
+    """A model that under-predicts eps (what an MSE-trained, undertrained model does) makes the
+    x0 estimate x_t / sqrt(abar) overshoot, ~140x at t=999. Clipped to the pixel range, the chain
+    still lands near the data; unclipped, it ends far off and out of range (the control)."""
+    debug_cfg.scheduler = "ddpm"
+    assert scheduler_for(debug_cfg).to_dict()["clip_sample"] is True
+    debug_cfg.scheduler = "flow"
+    assert "clip_sample" not in scheduler_for(debug_cfg).to_dict()
+
+    def final_error(scheduler) -> tuple[float, float]:
+        g = torch.Generator().manual_seed(0)
+        x0 = torch.rand(4, 16, 48, generator=g) * 2 - 1  # pixel latents in [-1, 1]
+        x = scheduler.init_noise(x0.shape, generator=g)
+        for t in scheduler.set_timesteps(25):
+            tt = torch.full((4,), float(t))
+            mean = scheduler.add_noise(x0, torch.zeros_like(x0), tt)  # sqrt(abar) x0
+            scale = scheduler.add_noise(x0, torch.ones_like(x0), tt) - mean  # sqrt(1 - abar)
+            eps = 0.8 * (x - mean) / scale  # the true eps, shrunk by 20%
+            x = scheduler.step(eps, t, x, generator=g)
+        return (x - x0).abs().mean().item(), x.abs().max().item()
+
+    err, peak = final_error(get_scheduler("ddpm", clip_sample=True))
+    assert err < 0.05 and peak <= 1.0 + 1e-6
+    err, peak = final_error(get_scheduler("ddpm", clip_sample=False))
+    assert err > 0.1 and peak > 1.2
+
+
+def test_guidance_scale_one_runs_only_conditional_rows(debug_cfg, tokenizer):
+    """guidance 1 needs no unconditional branch; the result equals CFG's formula at scale 1."""
+    model = HybridModel(debug_cfg).eval()
+    torch.nn.init.normal_(model.image_out.weight, std=0.02)
+    g = lambda: torch.Generator().manual_seed(0)
+    one = generate_images(model, prompts(tokenizer), scheduler_for(debug_cfg), PixelCodec(), 3, 1.0, generator=g())
+    near_one = generate_images(model, prompts(tokenizer), scheduler_for(debug_cfg), PixelCodec(), 3, 1.0 + 1e-6, generator=g())
+    torch.testing.assert_close(one, near_one, atol=1e-4, rtol=0)
+
+
+def test_too_long_prompt_is_a_clear_error(debug_cfg, tokenizer):
+    model = HybridModel(debug_cfg).eval()
+    long = [[7] * debug_cfg.max_seq_len]
+    with pytest.raises(ValueError, match="more than max_seq_len"):
+        generate_images(model, long, scheduler_for(debug_cfg), PixelCodec(), 2)
