@@ -89,10 +89,15 @@ def sample_prompts(world: ShapesWorld, n: int, heldout: bool) -> list[dict]:
     return spread("train")[: n - n_held] + (spread("heldout")[:n_held] if n_held else [])
 
 
+def to_uint8(pixels: torch.Tensor):
+    """(n, 3, H, W) floats in [0, 1] -> (n, H, W, 3) uint8 numpy, as PIL and the detector want."""
+    return (pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def score_samples(pixels: torch.Tensor, rows: list[dict]) -> dict[str, float]:
     """GenEval's rule applied by the shapes detector: the fraction of images that satisfy their
     prompt, per split. A quick learning signal, not the full evaluation."""
-    imgs = (pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
+    imgs = to_uint8(pixels)  # (n, H, W, 3)
     hits: dict[str, list[bool]] = {}
     for img, row in zip(imgs, rows):
         meta = {k: v for k, v in row.items() if k != "split"}
@@ -102,7 +107,7 @@ def score_samples(pixels: torch.Tensor, rows: list[dict]) -> dict[str, float]:
 
 def save_sample_grid(pixels: torch.Tensor, prompts: list[str], path: Path, scale: int = 4) -> None:
     """Images side by side (upscaled, nearest) and the prompts in a text file next to them."""
-    imgs = (pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, 3)
+    imgs = to_uint8(pixels)  # (n, H, W, 3)
     n, H, W, _ = imgs.shape
     cols = min(n, 6)
     rows = math.ceil(n / cols)
