@@ -17,7 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m train train/configs/tiny.yaml $(ARGS)
-	@echo "sample images: runs/tiny/samples/ (prompts in the .txt next to each .png)"
+	@echo "sample images: <output_dir>/samples/ (runs/tiny by default; prompts in the .txt beside each .png)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
