@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from encoders.latents import unpatchify
 from hybrid.config import HybridConfig
-from hybrid.sequence import SpecialIds, TokenizedSample, pack
+from hybrid.sequence import GEN, IGNORE, SpecialIds, TokenizedSample, pack
 from schedulers import Scheduler, get_scheduler
 
 
@@ -35,7 +35,7 @@ def image_prompt_rows(prompt_ids: list[list[int]], cfg: HybridConfig, with_uncon
     for p in prompts:
         toks = [ids.bos, *p, ids.boi] + [ids.img] * N
         start = len(toks) - N
-        rows.append(TokenizedSample(toks, [-100] * len(toks), [(start, N, "gen_image")], [torch.zeros(3, 1, 1)]))
+        rows.append(TokenizedSample(toks, [IGNORE] * len(toks), [(start, N, GEN)], [torch.zeros(3, 1, 1)]))
     return rows
 
 

@@ -240,8 +240,9 @@ def pack(
 
 
 class SampleBuilder:
-    """Tokenizes samples with a model's special ids and span sizes, applying caption dropout
-    with its own seeded RNG (so a resumed run can reproduce it)."""
+    """The DataLoader collate function: tokenizes samples with a model's special ids and span
+    sizes and packs them. Caption dropout is decided by the dataset when items are dicts (exact
+    across resumes); for raw segment lists it is drawn from this builder's seeded RNG."""
 
     def __init__(self, tokenizer, cfg, seq_len: int | None = None, caption_dropout: float | None = None,
                  truncate_long: bool = False, seed: int = 0):

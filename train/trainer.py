@@ -139,13 +139,13 @@ def train(cfg: TrainConfig) -> Path:
     tok_dir = out / "tokenizer"
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
+        if main:
+            tokenizer.save_pretrained(str(tok_dir))  # the run keeps the tokenizer it trained with
     else:
         if main and not (tok_dir / "tokenizer.json").is_file():
             train_tokenizer(world.corpus_texts(20_000), cfg.tokenizer_vocab).save_pretrained(str(tok_dir))
         accelerator.wait_for_everyone()
         tokenizer = load_tokenizer(tok_dir)
-    if main and cfg.tokenizer:
-        tokenizer.save_pretrained(str(tok_dir))
 
     mcfg = cfg.model_config(vocab_size=len(tokenizer), **special_token_ids(tokenizer))
     model = HybridModel(mcfg)
