@@ -1,4 +1,8 @@
-"""Train a hybrid model.
+"""Train a stage: the VQ tokenizer, a small SigLIP, or the hybrid model (the YAML's ``stage``).
+
+    python -m train train/configs/vq.yaml        # stage: vq      -> runs/vq/final
+    python -m train train/configs/siglip.yaml    # stage: siglip  -> runs/siglip/final
+    python -m train train/configs/tiny.yaml      # stage: hybrid  -> runs/tiny/final
 
 CPU (the embedded default, a few minutes on 2 cores):
     python -m train train/configs/tiny.yaml
@@ -14,9 +18,13 @@ A rerun with the same output_dir resumes from its newest checkpoint (``resume=no
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from train.config import load_config
+from train.config import read_raw
+
+# stage name -> module with ``load_config(path, overrides)`` and ``train(cfg) -> Path``
+STAGES = {"hybrid": "train.trainer", "vq": "train.vq_stage", "siglip": "train.siglip_stage"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value or model.<field>=value")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        stage = read_raw(args.config, args.overrides).get("stage", "hybrid")
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; choose from {sorted(STAGES)}")
+        module = importlib.import_module(STAGES[stage])
+        cfg = module.load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from train.trainer import train  # heavy imports only after the config is known to be valid
-
-    final = train(cfg)
+    final = module.train(cfg)
     print(f"done: model exported to {final}")
     return 0
 

@@ -96,19 +96,10 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
-    top, _, rest = key.partition(".")
-    if not rest:
-        d[top] = value
-        return
-    if top != "model":
-        raise ValueError(f"override {key!r}: only 'model.<field>' takes a dotted key")
-    d.setdefault("model", {})
-    d["model"] = {**(d["model"] or {}), rest: value}
-
-
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML file (or start from defaults if ``path`` is None), apply ``key=value`` overrides."""
+def read_raw(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping (empty if ``path`` is None) with ``key=value`` / ``section.key=value``
+    overrides applied. Shared by every training stage; each checks the keys against its own
+    dataclass with ``build_config``."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -121,22 +112,43 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(raw) - known)
+        top, _, rest = key.strip().partition(".")
+        if rest:
+            raw[top] = {**(raw.get(top) or {}), rest: yaml.safe_load(value)}
+        else:
+            raw[top] = yaml.safe_load(value)
+    return raw
+
+
+def build_config(cls: type, raw: dict[str, Any], sections: dict[str, type] | None = None) -> Any:
+    """Instantiate the flat dataclass ``cls`` from ``raw``: unknown keys are errors, values are
+    checked against the field annotations. ``sections`` names dict-valued fields whose keys are
+    fields of another dataclass (e.g. ``model`` -> ``HybridConfig``), checked the same way."""
+    sections = sections or {}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(hints))
     if unknown:
-        raise ValueError(f"unknown config keys: {unknown}; valid keys: {sorted(known)}")
-    model = raw.get("model") or {}
-    model_known = {f.name for f in dataclasses.fields(HybridConfig)}
-    bad = sorted(set(model) - model_known)
-    if bad:
-        raise ValueError(f"unknown model keys: {bad}")
-    raw["model"] = {k: _coerce(f"model.{k}", HYBRID_TYPES[k], v) for k, v in model.items()}
-    return TrainConfig(**{k: v if k == "model" else _coerce(k, TRAIN_TYPES[k], v) for k, v in raw.items()})
+        raise ValueError(f"unknown config keys: {unknown}; valid keys: {sorted(hints)}")
+    values = {}
+    for k, v in raw.items():
+        if k in sections:
+            if v is not None and not isinstance(v, dict):
+                raise ValueError(f"{k}: expected a mapping, got {v!r}")
+            sub = typing.get_type_hints(sections[k])
+            bad = sorted(set(v or {}) - set(sub))
+            if bad:
+                raise ValueError(f"unknown {k} keys: {bad}")
+            values[k] = {kk: _coerce(f"{k}.{kk}", sub[kk], vv) for kk, vv in (v or {}).items()}
+        elif isinstance(v, dict) and typing.get_origin(hints[k]) is not dict:
+            raise ValueError(f"override {k}.*: {k!r} is not a section")
+        else:
+            values[k] = _coerce(k, hints[k], v)
+    return cls(**values)
 
 
-TRAIN_TYPES = typing.get_type_hints(TrainConfig)
-HYBRID_TYPES = typing.get_type_hints(HybridConfig)
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a hybrid-stage YAML file (or defaults if ``path`` is None) and apply overrides."""
+    return build_config(TrainConfig, read_raw(path, overrides), sections={"model": HybridConfig})
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:

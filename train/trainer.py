@@ -29,7 +29,7 @@ from hybrid.model import HybridModel
 from hybrid.sampling import generate_images, scheduler_for
 from hybrid.sequence import SampleBuilder
 from hybrid.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
-from train.config import TrainConfig
+from train.config import TrainConfig, load_config  # noqa: F401  (the stage's config loader)
 from train.data import ShapesTrainSet
 from train.detect import detect, evaluate
 from train.shapes import ShapesWorld
