@@ -42,17 +42,27 @@ class HybridConfig:
     eoi_id: int = 4
     img_id: int = 5  # placeholder id inside image spans; its embedding is overwritten
 
-    # --- generation path: images diffused as patches of a latent grid ---------------------
+    # --- generation path: a latent grid of the image codec, one span per image ------------
     image_size: int = 32  # pixels
-    image_codec: str = "pixel"  # "pixel" (identity, this issue) | "vq" (VQ latents)
+    image_codec: str = "pixel"  # "pixel" (identity codec) | "vq" (a VQ tokenizer's latents / codes)
     latent_channels: int = 3
     latent_downsample: int = 1  # pixels per latent cell along one side
-    patch_size: int = 4  # latent cells per patch along one side
+    patch_size: int = 4  # latent cells per patch along one side (1 for the "ar" head)
+    # "diffusion": continuous patches, bidirectional span, diffusion loss (Transfusion);
+    # "ar": VQ code ids in raster order, causal span, cross-entropy (Janus / Chameleon).
+    image_head: str = "diffusion"
     timestep_freq_dim: int = 256  # sinusoidal features fed to the timestep MLP (DiT)
+    codebook_size: int = 256  # "ar": VQ codes the generation head predicts
+    code_embed_dim: int = 8  # "ar": width of the code embedding before the generation aligner
+    gen_head_dim: int | None = None  # "ar": hidden width of the generation head; None -> dim
 
     # --- understanding path: features from an image encoder through an aligner MLP --------
     und_feature_dim: int = 64
     und_tokens: int = 16
+    aligner_depth: int = 2  # Linear layers in the aligner MLPs (GELU between), as Janus' `depth`
+    # Transfusion reads an input image bidirectionally; Janus / LLaVA feed it causally like text.
+    # Converted Janus checkpoints set False, so they compute what they were trained to compute.
+    und_bidirectional: bool = True
 
     # --- objective -------------------------------------------------------------------
     scheduler: str = "flow"  # "ddpm" (epsilon, Transfusion) | "flow" (velocity, JanusFlow)
@@ -62,6 +72,8 @@ class HybridConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.gen_head_dim is None:
+            self.gen_head_dim = self.dim
         if self.ffn_dim is None:
             hidden = int(2 * (4 * self.dim) / 3)
             m = self.ffn_multiple_of
@@ -87,6 +99,13 @@ class HybridConfig:
             problems.append(f"attn_impl must be 'sdpa' or 'flex', got {self.attn_impl!r}")
         if self.image_codec not in ("pixel", "vq"):
             problems.append(f"image_codec must be 'pixel' or 'vq', got {self.image_codec!r}")
+        if self.image_head not in ("diffusion", "ar"):
+            problems.append(f"image_head must be 'diffusion' or 'ar', got {self.image_head!r}")
+        elif self.image_head == "ar" and (self.image_codec != "vq" or self.patch_size != 1):
+            problems.append("image_head='ar' predicts one VQ code per token: it needs image_codec='vq' and "
+                            f"patch_size=1 (got {self.image_codec!r}, {self.patch_size})")
+        if self.aligner_depth < 1:
+            problems.append(f"aligner_depth must be >= 1, got {self.aligner_depth}")
         if not 0.0 <= self.caption_dropout < 1.0:
             problems.append(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         ids = [self.pad_id, self.bos_id, self.eos_id, self.boi_id, self.eoi_id, self.img_id]

@@ -1,8 +1,10 @@
-"""The Transfusion objective: next-token cross-entropy on text + lambda * diffusion MSE on images.
+"""The hybrid objective: next-token cross-entropy on text + lambda * an image loss.
 
-Kept apart from the model (DiT / MAR style): ``HybridModel.forward`` only predicts; this file
-noises the generated-image latents with the scheduler, runs the model once on the whole packed
-batch, and scores each modality on its own positions only.
+The image loss depends on the generation head: for "diffusion" it is Transfusion's MSE on the
+scheduler's target for noised latent patches; for "ar" it is Janus' cross-entropy on the VQ code
+ids of the image in raster order. Kept apart from the model (DiT / MAR style):
+``HybridModel.forward`` only predicts; this file prepares the image inputs, runs the model once
+on the whole packed batch, and scores each modality on its own positions only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from hybrid.sequence import IGNORE, MultimodalBatch
 class LossBreakdown:
     total: Tensor  # scalar, what backward() is called on
     text: Tensor  # scalar, mean CE over text targets (0 if none)
-    image: Tensor  # scalar, mean MSE over generated-image patch values (0 if none)
+    image: Tensor  # scalar: mean MSE over patch values ("diffusion") or mean CE over codes ("ar"); 0 if none
     text_tokens: int
     image_tokens: int
 
@@ -36,16 +38,22 @@ def hybrid_loss(
     attn_impl: str = "sdpa",
     und_features: Tensor | None = None,
     generator: torch.Generator | None = None,
+    image_head: str = "diffusion",
 ) -> LossBreakdown:
     """One forward pass of ``model`` on ``batch`` and its loss.
 
-    ``codec`` (frozen, outside the trained module) maps ``batch.gen_images`` to latents;
-    ``scheduler`` draws one timestep per generated image, noises its patches and names the
-    regression target (epsilon for DDPM, velocity for rectified flow).
+    ``codec`` (frozen, outside the trained module) maps ``batch.gen_images`` to latents (or, for
+    ``image_head="ar"``, to VQ code ids); ``scheduler`` draws one timestep per generated image,
+    noises its patches and names the regression target (epsilon for DDPM, velocity for rectified
+    flow). ``und_features`` (n_und, M, F) are the understanding encoder's outputs for
+    ``batch.und_images``.
     """
-    gen_tokens = gen_t = target = None
+    gen_tokens = gen_t = target = codes = None
     n_gen = batch.gen_images.shape[0]
-    if n_gen:
+    if n_gen and image_head == "ar":
+        with torch.no_grad():
+            codes = codec.encode_codes(batch.gen_images).flatten(1)  # (n_gen, N) raster order
+    elif n_gen:
         with torch.no_grad():
             x0 = patchify(codec.encode(batch.gen_images), patch_size)  # (n_gen, N, P)
         t = scheduler.sample_timesteps(n_gen, device=x0.device, generator=generator)  # (n_gen,)
@@ -64,15 +72,21 @@ def hybrid_loss(
         batch.position_ids,
         batch.attention_mask(attn_impl),
         gen_tokens=gen_tokens,
-        gen_index=batch.gen_index if n_gen else None,
+        gen_index=batch.gen_index if n_gen else None,  # (n_gen, N)
         gen_timesteps=gen_t,
         und_features=und_features,
         und_index=batch.und_index if und_features is not None else None,
         logits_index=text_pos,
+        gen_codes=codes,
     )
     zero = out.hidden.sum() * 0.0  # keeps the graph connected when a modality is absent
     text = F.cross_entropy(out.logits.float(), flat_targets[text_pos]) if text_pos.numel() else zero
-    image = F.mse_loss(out.image_pred.float(), target.float()) if n_gen else zero
+    if not n_gen:
+        image = zero
+    elif codes is not None:
+        image = F.cross_entropy(out.code_logits.flatten(0, 1).float(), codes.reshape(-1))
+    else:
+        image = F.mse_loss(out.image_pred.float(), target.float())
     return LossBreakdown(
         total=text + image_loss_weight * image,
         text=text,

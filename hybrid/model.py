@@ -3,12 +3,15 @@
 Inputs are a packed token row plus the image spans spliced into it:
 
 * text positions are embedded from ``input_ids``;
-* generated-image positions get ``in_proj(noisy patch) + timestep embedding`` (Transfusion);
+* generated-image positions get, with ``image_head="diffusion"``, ``image_in(noisy patch) +
+  timestep embedding`` (Transfusion), or with ``image_head="ar"``, ``gen_aligner(gen_embed(code))``
+  for VQ code ids (Janus);
 * understanding-image positions get ``aligner(encoder features)`` (Janus' decoupled path).
 
 Outputs are predictions only: text logits and, for generated-image positions, the diffusion
-head's prediction (epsilon or velocity, as the scheduler defines). Losses live in ``losses.py``,
-sampling in ``sampling.py``; this file stays single-device and loss-free.
+head's prediction (epsilon or velocity, as the scheduler defines) or the code head's logits for
+each image token, read one position earlier (next-token prediction in raster order). Losses live
+in ``losses.py``, sampling in ``sampling.py``; this file stays single-device and loss-free.
 """
 
 from __future__ import annotations
@@ -116,11 +119,22 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def mlp(in_dim: int, out_dim: int, depth: int, hidden: int | None = None) -> nn.Sequential:
+    """Linear, then (GELU, Linear) x (depth - 1): Janus' aligner MLPs and generation head."""
+    hidden = out_dim if hidden is None else hidden
+    dims = [in_dim] + [hidden] * (depth - 1) + [out_dim]
+    layers: list[nn.Module] = [nn.Linear(dims[0], dims[1])]
+    for a, b in zip(dims[1:-1], dims[2:]):
+        layers += [nn.GELU(), nn.Linear(a, b)]
+    return nn.Sequential(*layers)
+
+
 @dataclass
 class HybridOutput:
     logits: Tensor | None  # (B, T, V), or (K, V) at the requested text positions
     image_pred: Tensor | None  # (n_gen, N, P): the diffusion head's prediction per patch
     hidden: Tensor  # (B, T, D) final hidden states before the norm
+    code_logits: Tensor | None = None  # (n_gen, N, K): "ar" head, logits for code i read at position i - 1
 
 
 class HybridModel(nn.Module):
@@ -135,15 +149,19 @@ class HybridModel(nn.Module):
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Generation path: noisy latent patches in, the scheduler's regression target out.
-        self.image_in = nn.Linear(cfg.patch_dim, D)
-        self.time_proj = Timesteps(cfg.timestep_freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embed = TimestepEmbedding(cfg.timestep_freq_dim, D)
-        self.image_out = nn.Linear(D, cfg.patch_dim)
-        # Understanding path: encoder features -> LM width (Janus' two-layer MLP aligner).
-        self.aligner = nn.Sequential(
-            nn.Linear(cfg.und_feature_dim, D), nn.GELU(), nn.Linear(D, D)
-        )
+        # Generation path. Only the configured paradigm's modules exist (a Janus checkpoint has
+        # no diffusion head; a Transfusion one no code head).
+        if cfg.image_head == "diffusion":  # noisy latent patches in, the scheduler's target out
+            self.image_in = nn.Linear(cfg.patch_dim, D)
+            self.time_proj = Timesteps(cfg.timestep_freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+            self.time_embed = TimestepEmbedding(cfg.timestep_freq_dim, D)
+            self.image_out = nn.Linear(D, cfg.patch_dim)
+        else:  # VQ code ids in, next-code logits out (Janus: generation embeddings/aligner/head)
+            self.gen_embed = nn.Embedding(cfg.codebook_size, cfg.code_embed_dim)
+            self.gen_aligner = mlp(cfg.code_embed_dim, D, cfg.aligner_depth)
+            self.gen_head = mlp(D, cfg.codebook_size, 2, hidden=cfg.gen_head_dim)
+        # Understanding path: encoder features -> LM width (Janus' MLP aligner).
+        self.aligner = mlp(cfg.und_feature_dim, D, cfg.aligner_depth)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -158,8 +176,9 @@ class HybridModel(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
-        # Zero-init the diffusion head (DiT): the first prediction is 0, a stable starting point.
-        nn.init.zeros_(self.image_out.weight)
+        if self.config.image_head == "diffusion":
+            # Zero-init the diffusion head (DiT): the first prediction is 0, a stable starting point.
+            nn.init.zeros_(self.image_out.weight)
 
     def embed_images(self, patches: Tensor, timesteps: Tensor) -> Tensor:
         """(n, N, P) noisy patches and (n,) timesteps -> (n, N, D) span embeddings."""
@@ -177,11 +196,14 @@ class HybridModel(nn.Module):
         und_features: Tensor | None = None,
         und_index: Tensor | None = None,
         logits_index: Tensor | None = None,
+        gen_codes: Tensor | None = None,
     ) -> HybridOutput:
         """
         input_ids, position_ids: (B, T); attn_mask: (B, 1, T, T) bool or a BlockMask.
-        gen_tokens: (n_gen, N, P) noisy patches; gen_index: (n_gen, N) flat positions in B*T;
-        gen_timesteps: (n_gen,). und_features: (n_und, M, F); und_index: (n_und, M).
+        gen_tokens: (n_gen, N, P) noisy patches ("diffusion"); gen_index: (n_gen, N) flat positions
+        in B*T; gen_timesteps: (n_gen,). gen_codes: (n_gen, N) VQ code ids ("ar"; codes not yet
+        sampled may hold any id: the span is causal, so they cannot influence earlier logits).
+        und_features: (n_und, M, F); und_index: (n_und, M).
         logits_index: optional flat positions (K,) where text logits are wanted (saves the
         (B, T, V) projection when only a few positions carry a text loss).
         """
@@ -193,6 +215,11 @@ class HybridModel(nn.Module):
             if gen_index is None or gen_timesteps is None or gen_index.shape != gen_tokens.shape[:2]:
                 raise ValueError("gen_tokens (n, N, P) needs gen_index (n, N) and gen_timesteps (n,)")
             emb = self.embed_images(gen_tokens, gen_timesteps).to(h.dtype)
+            h = h.index_copy(0, gen_index.reshape(-1), emb.reshape(-1, emb.shape[-1]))
+        if gen_codes is not None:
+            if gen_index is None or gen_index.shape != gen_codes.shape:
+                raise ValueError("gen_codes (n, N) needs gen_index (n, N)")
+            emb = self.gen_aligner(self.gen_embed(gen_codes)).to(h.dtype)  # (n, N, D)
             h = h.index_copy(0, gen_index.reshape(-1), emb.reshape(-1, emb.shape[-1]))
         if und_features is not None:
             if und_index is None or und_index.shape != und_features.shape[:2]:
@@ -211,7 +238,10 @@ class HybridModel(nn.Module):
         image_pred = None
         if gen_tokens is not None:
             image_pred = self.image_out(flat[gen_index.reshape(-1)]).view(*gen_index.shape, -1)  # (n, N, P)
-        return HybridOutput(logits=logits, image_pred=image_pred, hidden=h)
+        code_logits = None
+        if gen_codes is not None:  # code i is predicted from the position before it (<boi> for i=0)
+            code_logits = self.gen_head(flat[gen_index.reshape(-1) - 1]).view(*gen_index.shape, -1)  # (n, N, K)
+        return HybridOutput(logits=logits, image_pred=image_pred, hidden=h, code_logits=code_logits)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -42,6 +42,14 @@ class SequenceTooLongError(ValueError):
     pass
 
 
+def bidirectional_kinds(cfg) -> tuple[str, ...]:
+    """The span kinds a model attends to bidirectionally: a diffused image (its patches are
+    denoised jointly) and, unless the config says otherwise, an input image. An "ar" image is
+    generated code by code, so its span stays causal like text."""
+    kinds = (GEN,) if cfg.image_head == "diffusion" else ()
+    return kinds + ((UND,) if cfg.und_bidirectional else ())
+
+
 @dataclass
 class ImageSegment:
     image: Image.Image | Tensor  # PIL image, or a (3, H, W) float tensor in [0, 1]
@@ -152,7 +160,7 @@ class MultimodalBatch:
     position_ids: Tensor  # (B, T) long, restart at 0 per document
     targets: Tensor  # (B, T) long, pre-shifted, -100 = no text loss
     document_ids: Tensor  # (B, T) long, -1 = padding
-    span_ids: Tensor  # (B, T) long, -1 = not inside an image span
+    span_ids: Tensor  # (B, T) long, -1 = not inside a bidirectional image span
     gen_images: Tensor  # (n_gen, 3, H, W) float in [0, 1]
     gen_index: Tensor  # (n_gen, N) long: flat positions into B*T
     und_images: Tensor  # (n_und, 3, H, W)
@@ -177,9 +185,12 @@ def pack(
     pad_id: int,
     truncate_long: bool = False,
     packing: bool = True,
+    bidirectional: Sequence[str] = (GEN, UND),
 ) -> MultimodalBatch:
     """Pack samples into rows of exactly ``seq_len`` tokens, first fit in the given order.
-    ``packing=False`` puts every sample in its own (right-padded) row, as sampling wants."""
+    ``packing=False`` puts every sample in its own (right-padded) row, as sampling wants.
+    Spans of the kinds in ``bidirectional`` get span ids (bidirectional attention inside them);
+    the others stay causal (see ``bidirectional_kinds``)."""
     if not samples:
         raise ValueError("cannot pack an empty list of samples")
     checked = []
@@ -220,8 +231,9 @@ def pack(
             position_ids[b, off : off + L] = torch.arange(L)
             document_ids[b, off : off + L] = d
             for (start, n, kind), img in zip(s.spans, s.images):
-                span_ids[b, off + start : off + start + n] = n_span
-                n_span += 1
+                if kind in bidirectional:
+                    span_ids[b, off + start : off + start + n] = n_span
+                    n_span += 1
                 flat = torch.arange(n) + b * seq_len + off + start
                 (gen_imgs if kind == GEN else und_imgs).append(img)
                 (gen_idx if kind == GEN else und_idx).append(flat)
@@ -270,6 +282,7 @@ class SampleBuilder:
                 segs.append(item)
                 drops.append(self.rng.random() < self.caption_dropout)
         samples = [self.tokenize(s, d) for s, d in zip(segs, drops)]
-        out = pack(samples, self.seq_len, self.ids.pad, self.truncate_long)
+        out = pack(samples, self.seq_len, self.ids.pad, self.truncate_long,
+                   bidirectional=bidirectional_kinds(self.cfg))
         out.caption_dropped = torch.tensor(drops, dtype=torch.bool)
         return out
