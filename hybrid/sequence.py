@@ -1,7 +1,8 @@
 """From samples (text and image segments) to packed rows the model reads.
 
-A sample is an ordered list of segments: ``str`` (text), ``ImageSegment`` (an image with a role)
-or a bare PIL image (a generated image). ``tokenize_sample`` turns it into
+A sample is an ordered list of segments: ``str`` (text), ``TextSegment`` (text with a loss
+switch: a question the model reads but is not trained to write), ``ImageSegment`` (an image with
+a role) or a bare PIL image (a generated image). ``tokenize_sample`` turns it into
 
     <bos> text ... <boi> <img> x N <eoi> text ... <eos>
 
@@ -10,7 +11,7 @@ with pre-shifted text targets (``targets[i]`` is the token that should follow po
 into rows of a fixed length (first fit, in order), with position ids restarting at 0 for every
 sample and per-row document / span maps for the attention mask.
 
-Text-loss rule: every position whose next token is text, ``<eos>`` or the ``<boi>`` of a generated
+Text-loss rule: every position whose next token is text (except a ``TextSegment(loss=False)``), ``<eos>`` or the ``<boi>`` of a generated
 image is trained (so the model learns *when* to start an image; the ``<boi>`` of an input image
 for understanding is not a prediction target). Positions inside an image span and the one predicting
 ``<eoi>`` are not: the pipeline inserts ``<eoi>`` itself after N image tokens.
@@ -57,6 +58,12 @@ class ImageSegment:
 
 
 @dataclass
+class TextSegment:
+    text: str
+    loss: bool = True  # False: context only (an instruction or question), no text loss on it
+
+
+@dataclass
 class SpecialIds:
     bos: int
     eos: int
@@ -82,7 +89,7 @@ class TokenizedSample:
 
 
 def tokenize_sample(
-    segments: Sequence[str | ImageSegment | Image.Image],
+    segments: Sequence[str | TextSegment | ImageSegment | Image.Image],
     tokenizer,
     ids: SpecialIds,
     image_size: int,
@@ -104,12 +111,13 @@ def tokenize_sample(
     spans: list[tuple[int, int, str]] = []
     images: list[Tensor] = []
     for seg in segs:
-        if isinstance(seg, str):
-            if not seg:
+        if isinstance(seg, (str, TextSegment)):
+            text, loss = (seg, True) if isinstance(seg, str) else (seg.text, seg.loss)
+            if not text:
                 raise ValueError("empty text segment in sample")
-            t = tokenizer.encode(seg, add_special_tokens=False)
+            t = tokenizer.encode(text, add_special_tokens=False)
             tokens += t
-            trained += [True] * len(t)
+            trained += [loss] * len(t)
         elif isinstance(seg, ImageSegment):
             if seg.role not in ("gen", "und"):
                 raise ValueError(f"image role must be 'gen' or 'und', got {seg.role!r}")
@@ -124,7 +132,7 @@ def tokenize_sample(
             tokens += [ids.img] * n + [ids.eoi]
             trained += [False] * (n + 1)
         else:
-            raise TypeError(f"segment of type {type(seg).__name__}; expected str, ImageSegment or PIL image")
+            raise TypeError(f"segment of type {type(seg).__name__}; expected str, TextSegment, ImageSegment or PIL image")
     tokens.append(ids.eos)
     trained.append(True)
     targets = [tokens[i + 1] if trained[i + 1] else IGNORE for i in range(len(tokens) - 1)] + [IGNORE]
@@ -263,6 +271,7 @@ class SampleBuilder:
         self.seq_len = seq_len or cfg.max_seq_len
         self.caption_dropout = cfg.caption_dropout if caption_dropout is None else caption_dropout
         self.truncate_long = truncate_long
+        self.bidirectional = bidirectional_kinds(cfg)
         self.rng = random.Random(seed)
 
     def tokenize(self, segments, drop_caption: bool = False) -> TokenizedSample:
@@ -283,6 +292,6 @@ class SampleBuilder:
                 drops.append(self.rng.random() < self.caption_dropout)
         samples = [self.tokenize(s, d) for s, d in zip(segs, drops)]
         out = pack(samples, self.seq_len, self.ids.pad, self.truncate_long,
-                   bidirectional=bidirectional_kinds(self.cfg))
+                   bidirectional=self.bidirectional)
         out.caption_dropped = torch.tensor(drops, dtype=torch.bool)
         return out

@@ -38,11 +38,16 @@ class TrainConfig:
     heldout_eval: bool = True  # sample prompts from the held-out compositions too
     mix_caption: float = 0.85  # caption -> image samples
     mix_interleaved: float = 0.15  # text, image, text, image documents
+    mix_understand: float = 0.0  # image -> caption / multiple-choice answer, through the SigLIP path
     tokenizer: str | None = None  # a local HF tokenizer folder; None: train one on the world's text
     tokenizer_vocab: int = 512
     batch_size: int = 16  # samples per step and process (packed into rows of seq_len)
     seq_len: int | None = None  # None: the model's max_seq_len
     num_workers: int = 0
+    # frozen components, from local folders (the model config takes their sizes from them)
+    vq_path: str | None = None  # a VQTokenizer folder (train stage "vq"); needed by model.image_codec=vq
+    siglip_path: str | None = None  # a SiglipEncoder folder (stage "siglip"); needed by mix_understand > 0
+    und_eval: int = 100  # held-out and train multiple-choice questions scored at every sample step
 
     # optimisation
     steps: int = 1000
@@ -64,6 +69,8 @@ class TrainConfig:
     num_samples: int = 8
     sample_steps: int = 25
     guidance_scale: float = 3.0
+    temperature: float = 1.0  # "ar" head: code sampling temperature
+    top_k: int | None = None  # "ar" head: sample from the k most likely codes
     resume: str = "auto"  # "auto": latest checkpoint in output_dir if any; "none"; or a path
     # End this invocation after this step (checkpointing there) while the LR schedule still
     # follows ``steps``: for job-time limits, and for tests of exact resumption.
@@ -80,8 +87,13 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "save_every", "sample_every", "grad_accum"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.mix_caption < 0 or self.mix_interleaved < 0 or self.mix_caption + self.mix_interleaved <= 0:
-            problems.append("mix_caption and mix_interleaved must be >= 0 and not both 0")
+        mixes = (self.mix_caption, self.mix_interleaved, self.mix_understand)
+        if min(mixes) < 0 or sum(mixes) <= 0:
+            problems.append("mix_caption, mix_interleaved and mix_understand must be >= 0 and not all 0")
+        if self.mix_understand > 0 and not self.siglip_path:
+            problems.append("mix_understand > 0 needs siglip_path (a SiglipEncoder folder, e.g. runs/siglip/final)")
+        if self.model.get("image_codec", HybridConfig.from_preset(self.preset).image_codec) == "vq" and not self.vq_path:
+            problems.append("model.image_codec=vq needs vq_path (a VQTokenizer folder, e.g. runs/vq/final)")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
         self.model_config()  # validates preset + model overrides early

@@ -1,7 +1,8 @@
 """Training data from the shapes world, as a map-style dataset.
 
-Every item is a pure function of (seed, index): the task (caption -> image or an interleaved
-document), the sample itself and its caption-dropout decision. A resumed run that skips the
+Every item is a pure function of (seed, index): the task (caption -> image, an interleaved
+document, or understanding: image -> caption / multiple-choice answer), the sample itself and its
+caption-dropout decision. A resumed run that skips the
 first ``k`` batches therefore sees exactly the data an uninterrupted run would have seen.
 """
 
@@ -11,7 +12,21 @@ import random
 
 from torch.utils.data import Dataset
 
-from train.shapes import ShapesWorld
+from hybrid.sequence import ImageSegment, TextSegment
+from train.shapes import QuestionExample, ShapesWorld
+
+CAPTION_INSTRUCTION = "Describe the image."
+
+
+def understanding_caption(image, caption: str) -> list:
+    """Image in (understanding path), caption out: the text loss is on the caption only."""
+    return [ImageSegment(image, "und"), TextSegment(CAPTION_INSTRUCTION, loss=False), " " + caption]
+
+
+def understanding_question(q: QuestionExample, with_answer: bool = True) -> list:
+    """MMBench-style: image, question and options as context; the loss is on the answer letter."""
+    segs = [ImageSegment(q.image, "und"), TextSegment(q.format(), loss=False)]
+    return segs + [" " + q.answer] if with_answer else segs
 
 
 class ShapesTrainSet(Dataset):
@@ -21,12 +36,15 @@ class ShapesTrainSet(Dataset):
         length: int = 10_000_000,
         mix_caption: float = 0.85,
         mix_interleaved: float = 0.15,
+        mix_understand: float = 0.0,
         caption_dropout: float = 0.1,
         split: str = "train",
         seed: int = 0,
     ):
         self.world, self.length, self.split, self.seed = world, length, split, seed
-        self.p_caption = mix_caption / (mix_caption + mix_interleaved)
+        total = mix_caption + mix_interleaved + mix_understand
+        self.p_caption = mix_caption / total
+        self.p_interleaved = mix_interleaved / total
         self.caption_dropout = caption_dropout
 
     def __len__(self) -> int:
@@ -36,7 +54,14 @@ class ShapesTrainSet(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         rng = random.Random(f"{self.seed}:{self.split}:{index}")  # str seeds are hashed stably
-        if rng.random() < self.p_caption:
+        u = rng.random()
+        if u < self.p_caption:
             ex = self.world.caption_example(index, self.split)
             return {"segments": [ex.prompt, ex.image], "drop_caption": rng.random() < self.caption_dropout}
-        return {"segments": self.world.interleaved_example(index, self.split), "drop_caption": False}
+        if u < self.p_caption + self.p_interleaved:
+            return {"segments": self.world.interleaved_example(index, self.split), "drop_caption": False}
+        if rng.random() < 0.5:
+            ex = self.world.caption_example(index, self.split)
+            return {"segments": understanding_caption(ex.image, ex.prompt), "drop_caption": False}
+        return {"segments": understanding_question(self.world.question_example(index, self.split)),
+                "drop_caption": False}

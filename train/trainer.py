@@ -1,7 +1,9 @@
 """The hybrid training stage: one loop for a laptop CPU and for multi-GPU ``accelerate launch``.
 
 Everything that is trained is one module (``HybridModel``) handed to ``accelerator.prepare``;
-the frozen image codec stays outside it. Run state (model, optimizer, LR schedule, RNG states)
+the frozen image codec (pixels, or a VQ tokenizer from ``vq_path``) and the frozen understanding
+encoder (a SigLIP from ``siglip_path``) stay outside it, and the model config takes its latent
+grid / codebook / feature sizes from them. Run state (model, optimizer, LR schedule, RNG states)
 is saved with ``accelerator.save_state`` every ``save_every`` steps under
 ``<output_dir>/checkpoints/step_XXXXXXX`` and a restarted run resumes from the newest one.
 """
@@ -23,14 +25,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from encoders.latents import build_codec
+from encoders.siglip import SiglipEncoder
 from hybrid.checkpoint import save_pretrained_model
 from hybrid.losses import hybrid_loss
 from hybrid.model import HybridModel
 from hybrid.sampling import generate_images, scheduler_for
-from hybrid.sequence import SampleBuilder
+from hybrid.sequence import SampleBuilder, pack
 from hybrid.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 from train.config import TrainConfig, load_config  # noqa: F401  (the stage's config loader)
-from train.data import ShapesTrainSet
+from train.data import ShapesTrainSet, understanding_question
 from train.detect import detect, evaluate
 from train.shapes import ShapesWorld
 
@@ -105,6 +108,29 @@ def score_samples(pixels: torch.Tensor, rows: list[dict]) -> dict[str, float]:
     return {f"sample_accuracy_{k}": sum(v) / len(v) for k, v in hits.items()}
 
 
+@torch.no_grad()
+def answer_accuracy(model: HybridModel, encoder: SiglipEncoder, builder: SampleBuilder, world: ShapesWorld,
+                    split: str, n: int, batch_size: int = 16) -> float:
+    """MMBench-style multiple choice through the understanding path: the model reads image,
+    question and options, and its answer is the most likely of the four option letters at the
+    position where the answer would start."""
+    letters = [builder.tokenizer.encode(" " + k, add_special_tokens=False)[0] for k in "ABCD"]
+    device = next(model.parameters()).device
+    right = 0
+    for lo in range(0, n, batch_size):
+        qs = [world.question_example(i, split) for i in range(lo, min(n, lo + batch_size))]
+        samples = [builder.tokenize(understanding_question(q, with_answer=False)) for q in qs]
+        batch = pack(samples, max(len(s) for s in samples), builder.ids.pad, packing=False,
+                     bidirectional=builder.bidirectional).to(device)
+        T = batch.input_ids.shape[1]
+        last = torch.tensor([b * T + len(s) - 2 for b, s in enumerate(samples)], device=device)  # before <eos>
+        out = model(batch.input_ids, batch.position_ids, batch.attention_mask(model.config.attn_impl),
+                    und_features=encoder(batch.und_images), und_index=batch.und_index, logits_index=last)
+        picks = out.logits[:, letters].argmax(-1).tolist()  # (n,)
+        right += sum("ABCD"[p] == q.answer for p, q in zip(picks, qs))
+    return right / n
+
+
 def save_sample_grid(pixels: torch.Tensor, prompts: list[str], path: Path, scale: int = 4) -> None:
     """Images side by side (upscaled, nearest) and the prompts in a text file next to them."""
     imgs = to_uint8(pixels)  # (n, H, W, 3)
@@ -147,12 +173,24 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.wait_for_everyone()
         tokenizer = load_tokenizer(tok_dir)
 
-    mcfg = cfg.model_config(vocab_size=len(tokenizer), **special_token_ids(tokenizer))
+    # Frozen components first: the model's latent grid, codebook and feature sizes come from them.
+    codec_name = cfg.model_config().image_codec
+    codec = build_codec(codec_name, cfg.vq_path).to(accelerator.device).eval()
+    sizes = dict(latent_channels=codec.latent_channels, latent_downsample=codec.downsample)
+    if codec_name == "vq":
+        sizes["codebook_size"] = codec.codebook_size
+    encoder = None
+    if cfg.siglip_path:
+        encoder = SiglipEncoder.from_pretrained(cfg.siglip_path).to(accelerator.device).eval()
+        sizes.update(und_tokens=encoder.num_tokens, und_feature_dim=encoder.feature_dim)
+    clash = {k: (cfg.model[k], v) for k, v in sizes.items() if k in cfg.model and cfg.model[k] != v}
+    if clash:
+        raise ValueError(f"model overrides disagree with the frozen components (set, actual): {clash}")
+    mcfg = cfg.model_config(vocab_size=len(tokenizer), **special_token_ids(tokenizer), **sizes)
     model = HybridModel(mcfg)
     scheduler = scheduler_for(mcfg)
-    codec = build_codec(mcfg.image_codec).to(accelerator.device).eval()
     dataset = ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
-                             caption_dropout=mcfg.caption_dropout, seed=cfg.seed)
+                             mix_understand=cfg.mix_understand, caption_dropout=mcfg.caption_dropout, seed=cfg.seed)
     collate = SampleBuilder(tokenizer, mcfg, seq_len=cfg.seq_len, truncate_long=False)
     # Sequential order: the data is already random per index, and resuming = skipping batches.
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
@@ -189,8 +227,10 @@ def train(cfg: TrainConfig) -> Path:
     prompts = sample_prompts(world, cfg.num_samples, cfg.heldout_eval)
     unwrapped: HybridModel = accelerator.unwrap_model(model)
     if main:
+        head = f"scheduler={mcfg.scheduler}" if mcfg.image_head == "diffusion" else f"{mcfg.codebook_size} codes"
         accelerator.print(f"model: {unwrapped.num_parameters() / 1e6:.2f}M parameters, "
-                          f"{mcfg.image_tokens} tokens per image, scheduler={mcfg.scheduler}")
+                          f"{mcfg.image_tokens} tokens per image, {mcfg.image_head} head ({head}), "
+                          f"codec={mcfg.image_codec}")
 
     def checkpoint(at: int) -> None:
         path = out / "checkpoints" / f"step_{at:07d}"
@@ -210,10 +250,15 @@ def train(cfg: TrainConfig) -> Path:
         ids = [tokenizer.encode(r["prompt"], add_special_tokens=False) for r in prompts]
         g = torch.Generator(accelerator.device).manual_seed(cfg.seed)
         pixels = generate_images(unwrapped, ids, scheduler_for(mcfg), codec, cfg.sample_steps,
-                                 cfg.guidance_scale, generator=g, attn_impl=mcfg.attn_impl)
+                                 cfg.guidance_scale, generator=g, attn_impl=mcfg.attn_impl,
+                                 temperature=cfg.temperature, top_k=cfg.top_k)
         path = out / "samples" / f"step_{at:07d}.png"
         save_sample_grid(pixels, [f"[{r['split']}] {r['prompt']}" for r in prompts], path)
         scores = score_samples(pixels, prompts)
+        if cfg.mix_understand > 0:
+            for split in ("train", "heldout"):
+                scores[f"answer_accuracy_{split}"] = answer_accuracy(unwrapped, encoder, collate, world, split,
+                                                                     cfg.und_eval)
         accelerator.log(scores, step=at)
         log_file.write(json.dumps({"step": at, **scores}) + "\n")
         log_file.flush()
@@ -231,8 +276,12 @@ def train(cfg: TrainConfig) -> Path:
             break
         noise_gen.manual_seed((cfg.seed * 1_000_003 + accelerator.process_index) * 1_000_003 + micro)
         with accelerator.accumulate(model):
+            und = None
+            if batch.und_images.shape[0]:
+                with torch.no_grad():
+                    und = encoder(batch.und_images)  # (n_und, M, F)
             loss = hybrid_loss(model, batch, scheduler, codec, mcfg.patch_size, mcfg.image_loss_weight,
-                               mcfg.attn_impl, generator=noise_gen)
+                               mcfg.attn_impl, und_features=und, generator=noise_gen, image_head=mcfg.image_head)
             accelerator.backward(loss.total)
             if accelerator.sync_gradients and cfg.grad_clip > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -284,6 +333,10 @@ def train(cfg: TrainConfig) -> Path:
         save_pretrained_model(unwrapped, final)
         tokenizer.save_pretrained(str(final / "tokenizer"))
         (final / "scheduler.json").write_text(json.dumps(scheduler.to_dict(), indent=2))
+        if codec_name == "vq":
+            codec.save_pretrained(final / "vq")  # the export is self-contained
+        if encoder is not None:
+            encoder.save_pretrained(final / "siglip")
         log_file.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
