@@ -55,7 +55,7 @@ def hybrid_loss(
             codes = codec.encode_codes(batch.gen_images).flatten(1)  # (n_gen, N) raster order
     elif n_gen:
         with torch.no_grad():
-            x0 = patchify(codec.encode(batch.gen_images), patch_size)  # (n_gen, N, P)
+            x0 = patchify(codec.encode_latents(batch.gen_images), patch_size)  # (n_gen, N, P)
         t = scheduler.sample_timesteps(n_gen, device=x0.device, generator=generator)  # (n_gen,)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         gen_tokens = scheduler.add_noise(x0, noise, t)

@@ -75,3 +75,55 @@ def test_incomplete_checkpoint_is_ignored_and_a_changed_model_is_refused(tmp_pat
     from train.trainer import latest_checkpoint
 
     assert latest_checkpoint(out).name == "step_0000004"
+
+
+@pytest.fixture(scope="module")
+def visual_components(tmp_path_factory):
+    """A tiny random VQ tokenizer and SigLIP encoder saved where the trainer loads them from."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from encoders.siglip import SiglipEncoder
+    from encoders.vq import VQTokenizer, make_vqmodel
+
+    root = tmp_path_factory.mktemp("components")
+    torch.manual_seed(0)
+    VQTokenizer(make_vqmodel(32, (16, 16, 16), latent_channels=4, num_vq_embeddings=32, norm_num_groups=8),
+                scaling_factor=2.0).save_pretrained(root / "vq")
+    tower = SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2))
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    SiglipEncoder.from_transformers_model(tower, processor).save_pretrained(root / "siglip")
+    return root
+
+
+@pytest.mark.parametrize("head,tune_siglip", [("diffusion", True), ("ar", False)])
+def test_visual_paths_train_sample_and_export(tmp_path, visual_components, head, tune_siglip):
+    """VQ latents (diffusion) or VQ codes (ar) for generation, SigLIP features for understanding:
+    the model takes its sizes from the components, trains on all tasks, samples, scores multiple
+    choice, and exports a self-contained folder. The encoder is fine-tuned only when asked."""
+    from hybrid.checkpoint import load_pretrained_model
+
+    out = tmp_path / head
+    patch = 2 if head == "diffusion" else 1
+    assert main([DEBUG, f"output_dir={out}", "steps=4", "log_every=2", "save_every=4", "sample_every=4",
+                 "num_samples=2", "und_eval=4", "mix_understand=0.5", "model.image_codec=vq",
+                 f"model.image_head={head}", f"model.patch_size={patch}", "model.max_seq_len=256",
+                 f"vq_path={visual_components / 'vq'}", f"siglip_path={visual_components / 'siglip'}",
+                 f"siglip_trainable={str(tune_siglip).lower()}", "siglip_lr_scale=1.0"]) == 0
+    model = load_pretrained_model(out / "final")
+    c = model.config
+    assert (c.latent_channels, c.latent_downsample, c.und_tokens, c.und_feature_dim) == (4, 4, 16, 32)
+    assert c.image_tokens == (16 if head == "diffusion" else 64)
+    assert (out / "final" / "vq" / "hybrid_vq.json").is_file() and (out / "final" / "siglip" / "config.json").is_file()
+    before = load_file(visual_components / "siglip" / "model.safetensors")
+    after = load_file(out / "final" / "siglip" / "model.safetensors")
+    changed = any(not torch.equal(before[k], after[k]) for k in before)
+    assert changed == tune_siglip
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "answer_accuracy_heldout" in r]
+    assert scored and 0.0 <= scored[-1]["answer_accuracy_heldout"] <= 1.0
+    assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # no NaN
+    with pytest.raises(ValueError, match="vq_path"):
+        load_config(DEBUG, ["model.image_codec=vq"])
+    with pytest.raises(ValueError, match="siglip_path"):
+        load_config(DEBUG, ["mix_understand=0.3"])

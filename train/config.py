@@ -47,6 +47,8 @@ class TrainConfig:
     # frozen components, from local folders (the model config takes their sizes from them)
     vq_path: str | None = None  # a VQTokenizer folder (train stage "vq"); needed by model.image_codec=vq
     siglip_path: str | None = None  # a SiglipEncoder folder (stage "siglip"); needed by mix_understand > 0
+    siglip_trainable: bool = False  # fine-tune the SigLIP encoder with the model (frozen by default)
+    siglip_lr_scale: float = 0.1  # its learning rate relative to lr
     und_eval: int = 100  # held-out and train multiple-choice questions scored at every sample step
 
     # optimisation

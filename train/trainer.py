@@ -1,9 +1,10 @@
 """The hybrid training stage: one loop for a laptop CPU and for multi-GPU ``accelerate launch``.
 
-Everything that is trained is one module (``HybridModel``) handed to ``accelerator.prepare``;
-the frozen image codec (pixels, or a VQ tokenizer from ``vq_path``) and the frozen understanding
-encoder (a SigLIP from ``siglip_path``) stay outside it, and the model config takes its latent
-grid / codebook / feature sizes from them. Run state (model, optimizer, LR schedule, RNG states)
+What is trained is handed to ``accelerator.prepare``: the ``HybridModel`` and, only with
+``siglip_trainable=true``, the SigLIP encoder (a second prepared module, called through its own
+forward so DDP synchronises its gradients). The frozen image codec (pixels, or a VQ tokenizer
+from ``vq_path``) and a frozen encoder stay outside. The model config takes its latent grid /
+codebook / feature sizes from these components. Run state (model, optimizer, LR schedule, RNG states)
 is saved with ``accelerator.save_state`` every ``save_every`` steps under
 ``<output_dir>/checkpoints/step_XXXXXXX`` and a restarted run resumes from the newest one.
 """
@@ -58,15 +59,19 @@ def drop_log_after(log: Path, step: int) -> None:
         log.write_text("".join(line + "\n" for line in kept))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, encoder: torch.nn.Module | None = None
+                    ) -> torch.optim.Optimizer:
     # No weight decay on norms, biases and embeddings (the usual Llama / nanoGPT split).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    groups = []
+    for module, lr in ((model, cfg.lr), (encoder, cfg.lr * cfg.siglip_lr_scale)):
+        decay, no_decay = [], []
+        for name, p in module.named_parameters() if module is not None else ():
+            if p.requires_grad:
+                is_embedding = name.split(".")[0] in ("embed_tokens", "gen_embed")
+                (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -181,7 +186,8 @@ def train(cfg: TrainConfig) -> Path:
         sizes["codebook_size"] = codec.codebook_size
     encoder = None
     if cfg.siglip_path:
-        encoder = SiglipEncoder.from_pretrained(cfg.siglip_path).to(accelerator.device).eval()
+        encoder = SiglipEncoder.from_pretrained(cfg.siglip_path, trainable=cfg.siglip_trainable)
+        encoder = encoder.to(accelerator.device).eval()
         sizes.update(und_tokens=encoder.num_tokens, und_feature_dim=encoder.feature_dim)
     clash = {k: (cfg.model[k], v) for k, v in sizes.items() if k in cfg.model and cfg.model[k] != v}
     if clash:
@@ -195,10 +201,13 @@ def train(cfg: TrainConfig) -> Path:
     # Sequential order: the data is already random per index, and resuming = skipping batches.
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
                         num_workers=cfg.num_workers, drop_last=True)
-    optimizer = build_optimizer(model, cfg)
+    tuned = encoder if cfg.siglip_trainable else None
+    optimizer = build_optimizer(model, cfg, tuned)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     # The LR schedule is not prepared: accelerate would step it once per process per step.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if tuned is not None:
+        tuned = accelerator.prepare(tuned)  # trained: wrapped, checkpointed and synchronised too
     accelerator.register_for_checkpointing(lr_sched)
     # Diffusion timesteps and noise come from a generator reseeded from (seed, process, batch
     # number) before every batch: a pure function of position in the run, so a resumed run on
@@ -247,6 +256,8 @@ def train(cfg: TrainConfig) -> Path:
         if not main:
             return
         unwrapped.eval()
+        if encoder is not None:
+            encoder.eval()
         ids = [tokenizer.encode(r["prompt"], add_special_tokens=False) for r in prompts]
         g = torch.Generator(accelerator.device).manual_seed(cfg.seed)
         pixels = generate_images(unwrapped, ids, scheduler_for(mcfg), codec, cfg.sample_steps,
@@ -264,8 +275,12 @@ def train(cfg: TrainConfig) -> Path:
         log_file.flush()
         accelerator.print(f"step {at}: samples in {path}; " + ", ".join(f"{k}={v:.2f}" for k, v in scores.items()))
         unwrapped.train()
+        if encoder is not None:
+            encoder.train()  # a frozen encoder stays in eval mode (SiglipEncoder.train)
 
     model.train()
+    if encoder is not None:
+        encoder.train()
     batches = accelerator.skip_first_batches(loader, step * cfg.grad_accum) if step else loader
     bar = tqdm(total=cfg.steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
@@ -275,11 +290,11 @@ def train(cfg: TrainConfig) -> Path:
         if step >= end:
             break
         noise_gen.manual_seed((cfg.seed * 1_000_003 + accelerator.process_index) * 1_000_003 + micro)
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(*(m for m in (model, tuned) if m is not None)):
             und = None
             if batch.und_images.shape[0]:
-                with torch.no_grad():
-                    und = encoder(batch.und_images)  # (n_und, M, F)
+                with torch.set_grad_enabled(tuned is not None):
+                    und = (tuned or encoder)(batch.und_images)  # (n_und, M, F)
             loss = hybrid_loss(model, batch, scheduler, codec, mcfg.patch_size, mcfg.image_loss_weight,
                                mcfg.attn_impl, und_features=und, generator=noise_gen, image_head=mcfg.image_head)
             accelerator.backward(loss.total)
@@ -336,7 +351,7 @@ def train(cfg: TrainConfig) -> Path:
         if codec_name == "vq":
             codec.save_pretrained(final / "vq")  # the export is self-contained
         if encoder is not None:
-            encoder.save_pretrained(final / "siglip")
+            encoder.save_pretrained(final / "siglip")  # the fine-tuned weights if siglip_trainable
         log_file.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
