@@ -57,12 +57,15 @@ def _wrap(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local folder (never the hub)."""
+def load_tokenizer(path: str | Path, add_markers: bool = True) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local folder (never the hub). ``add_markers=False`` leaves it as
+    it is: for a converted checkpoint whose markers have other names (Janus' ``<begin_of_image>``)
+    and whose ids the model config already holds."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder {path} does not exist")
-    return _wrap(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return _wrap(tok) if add_markers else tok
 
 
 def special_token_ids(tok: PreTrainedTokenizerBase) -> dict[str, int]:

@@ -127,3 +127,35 @@ def test_visual_paths_train_sample_and_export(tmp_path, visual_components, head,
         load_config(DEBUG, ["model.image_codec=vq"])
     with pytest.raises(ValueError, match="siglip_path"):
         load_config(DEBUG, ["mix_understand=0.3"])
+
+
+def test_init_from_a_converted_llama(tmp_path):
+    """A Llama checkpoint converted with python -m hybrid.convert is the starting point of a run:
+    its weights are loaded (a near-zero learning rate leaves them in place) and its tokenizer is
+    used as it is."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybrid.convert import main as convert_main
+    from hybrid.tokenizer import special_token_ids, train_tokenizer
+    from train.shapes import ShapesWorld
+
+    tok = train_tokenizer(ShapesWorld(seed=0).corpus_texts(300), 300)
+    hf = tmp_path / "llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(hf)
+    tok.save_pretrained(hf)
+    ids = special_token_ids(tok)
+    conv = tmp_path / "hybrid"
+    assert convert_main([str(hf), str(conv), "--image-token-ids", str(ids["boi_id"]), str(ids["eoi_id"]),
+                         str(ids["img_id"]), "--set", "patch_size=8"]) == 0
+    out = tmp_path / "run"
+    assert main([DEBUG, f"output_dir={out}", f"init_from={conv}", "steps=2", "lr=1e-12", "warmup_steps=1",
+                 "sample_every=100", "save_every=100"]) == 0
+    a, b = load_file(conv / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    with pytest.raises(ValueError, match="(?s)does not fit.*size mismatch"):
+        main([DEBUG, f"output_dir={tmp_path / 'bad'}", f"init_from={conv}", "model.ffn_dim=96", "steps=1"])

@@ -44,6 +44,10 @@ class TrainConfig:
     batch_size: int = 16  # samples per step and process (packed into rows of seq_len)
     seq_len: int | None = None  # None: the model's max_seq_len
     num_workers: int = 0
+    # Start from a pretrained model folder (a run's final/, or `python -m hybrid.convert` output of a
+    # Llama / Qwen2 / Janus checkpoint): its config.json replaces preset (model: overrides still
+    # apply), its tokenizer/, vq/ and siglip/ are used unless given below.
+    init_from: str | None = None
     # frozen components, from local folders (the model config takes their sizes from them)
     vq_path: str | None = None  # a VQTokenizer folder (train stage "vq"); needed by model.image_codec=vq
     siglip_path: str | None = None  # a SiglipEncoder folder (stage "siglip"); needed by mix_understand > 0
@@ -92,15 +96,19 @@ class TrainConfig:
         mixes = (self.mix_caption, self.mix_interleaved, self.mix_understand)
         if min(mixes) < 0 or sum(mixes) <= 0:
             problems.append("mix_caption, mix_interleaved and mix_understand must be >= 0 and not all 0")
-        if self.mix_understand > 0 and not self.siglip_path:
+        if self.mix_understand > 0 and not self.siglip_path and not self.init_from:
             problems.append("mix_understand > 0 needs siglip_path (a SiglipEncoder folder, e.g. runs/siglip/final)")
-        if self.model.get("image_codec", HybridConfig.from_preset(self.preset).image_codec) == "vq" and not self.vq_path:
+        if self.model_config().image_codec == "vq" and not self.vq_path and not self.init_from:
             problems.append("model.image_codec=vq needs vq_path (a VQTokenizer folder, e.g. runs/vq/final)")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
         self.model_config()  # validates preset + model overrides early
 
     def model_config(self, **extra: Any) -> HybridConfig:
+        """The preset (or ``init_from``'s config.json) + ``model`` overrides + ``extra``."""
+        if self.init_from:
+            base = HybridConfig.load(Path(self.init_from) / "config.json").to_dict()
+            return HybridConfig.from_dict({**base, **self.model, **extra})
         return HybridConfig.from_preset(self.preset, **{**self.model, **extra})
 
     def to_dict(self) -> dict[str, Any]:

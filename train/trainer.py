@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from PIL import Image
+from safetensors.torch import load_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -166,10 +167,22 @@ def train(cfg: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
 
+    init = Path(cfg.init_from) if cfg.init_from else None
+    if init is not None and not (init / "model.safetensors").is_file():
+        raise FileNotFoundError(f"init_from={init} has no model.safetensors (expected a run's final/ or a "
+                                f"`python -m hybrid.convert` output)")
+
+    def component(given: str | None, name: str) -> str | None:  # a path, or init_from's copy
+        return given or (str(init / name) if init is not None and (init / name).is_dir() else None)
+
     world = ShapesWorld(resolution=cfg.model_config().image_size, seed=cfg.seed)
     tok_dir = out / "tokenizer"
-    if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
+    tok_src = component(cfg.tokenizer, "tokenizer")
+    if init is not None and tok_src is None:
+        raise ValueError(f"init_from={init} has no tokenizer/: pass tokenizer=<the folder it was trained with>")
+    if tok_src:
+        # A pretrained model's tokenizer is used as is: its marker ids are already in the config.
+        tokenizer = load_tokenizer(tok_src, add_markers=init is None)
         if main:
             tokenizer.save_pretrained(str(tok_dir))  # the run keeps the tokenizer it trained with
     else:
@@ -179,21 +192,38 @@ def train(cfg: TrainConfig) -> Path:
         tokenizer = load_tokenizer(tok_dir)
 
     # Frozen components first: the model's latent grid, codebook and feature sizes come from them.
-    codec_name = cfg.model_config().image_codec
-    codec = build_codec(codec_name, cfg.vq_path).to(accelerator.device).eval()
+    base = cfg.model_config()
+    codec = build_codec(base.image_codec, component(cfg.vq_path, "vq")).to(accelerator.device).eval()
     sizes = dict(latent_channels=codec.latent_channels, latent_downsample=codec.downsample)
-    if codec_name == "vq":
+    if base.image_codec == "vq":
         sizes["codebook_size"] = codec.codebook_size
     encoder = None
-    if cfg.siglip_path:
-        encoder = SiglipEncoder.from_pretrained(cfg.siglip_path, trainable=cfg.siglip_trainable)
+    siglip_path = component(cfg.siglip_path, "siglip")
+    if cfg.mix_understand > 0 and not siglip_path:
+        raise ValueError("mix_understand > 0 needs siglip_path (or an init_from folder with siglip/)")
+    if siglip_path:
+        encoder = SiglipEncoder.from_pretrained(siglip_path, trainable=cfg.siglip_trainable)
         encoder = encoder.to(accelerator.device).eval()
         sizes.update(und_tokens=encoder.num_tokens, und_feature_dim=encoder.feature_dim)
-    clash = {k: (cfg.model[k], v) for k, v in sizes.items() if k in cfg.model and cfg.model[k] != v}
+    fixed = cfg.model if init is None else base.to_dict()  # what the user or the checkpoint fixed
+    clash = {k: (fixed[k], v) for k, v in sizes.items() if k in fixed and fixed[k] != v}
     if clash:
-        raise ValueError(f"model overrides disagree with the frozen components (set, actual): {clash}")
-    mcfg = cfg.model_config(vocab_size=len(tokenizer), **special_token_ids(tokenizer), **sizes)
+        raise ValueError(f"the model config disagrees with the frozen components (config, actual): {clash}")
+    if init is None:
+        mcfg = cfg.model_config(vocab_size=len(tokenizer), **special_token_ids(tokenizer), **sizes)
+    else:
+        mcfg = base
+        if len(tokenizer) > mcfg.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model at {init} only "
+                             f"{mcfg.vocab_size} rows")
     model = HybridModel(mcfg)
+    if init is not None:
+        try:
+            load_model(model, str(init / "model.safetensors"), strict=True)
+        except RuntimeError as e:  # a model: override changed the architecture
+            raise ValueError(f"the weights in {init} do not fit the configured model: {e}") from None
+        accelerator.print(f"initialised from {init}")
+    codec_name = mcfg.image_codec
     scheduler = scheduler_for(mcfg)
     dataset = ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
                              mix_understand=cfg.mix_understand, caption_dropout=mcfg.caption_dropout, seed=cfg.seed)
