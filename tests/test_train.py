@@ -157,5 +157,5 @@ def test_init_from_a_converted_llama(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
-    with pytest.raises(ValueError, match="(?s)does not fit.*size mismatch"):
+    with pytest.raises(ValueError, match="(?s)do not fit.*size mismatch"):
         main([DEBUG, f"output_dir={tmp_path / 'bad'}", f"init_from={conv}", "model.ffn_dim=96", "steps=1"])
