@@ -1,6 +1,6 @@
 """The siglip stage: a small SigLIP trained from scratch on the shapes world's image-caption pairs.
 
-    python -m train train/configs/siglip.yaml                          # ~6 min on 2 CPU cores
+    python -m train train/configs/siglip.yaml                          # ~5 min on 2 CPU cores
     python -m train train/configs/siglip.yaml steps=20 output_dir=runs/sig_dbg   # seconds
     accelerate launch -m train train/configs/siglip.yaml               # GPUs / several processes
 
@@ -37,6 +37,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import numpy as np
@@ -258,9 +259,8 @@ def zero_shot_retrieval(model: torch.nn.Module, tokenizer: Any, examples: list, 
         chance["i2t"] += [1 / len(captions)] * len(idx)
         chance["t2i"] += share.tolist()
         per_tag[tag] = {"i2t": i2t.mean().item(), "t2i": t2i.mean().item(), "candidates": len(captions)}
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return {"i2t_top1": mean(hits["i2t"]), "i2t_chance": mean(chance["i2t"]),
-            "t2i_top1": mean(hits["t2i"]), "t2i_chance": mean(chance["t2i"]), "per_tag": per_tag}
+    return {"i2t_top1": fmean(hits["i2t"]), "i2t_chance": fmean(chance["i2t"]),
+            "t2i_top1": fmean(hits["t2i"]), "t2i_chance": fmean(chance["t2i"]), "per_tag": per_tag}
 
 
 # --------------------------------------------------------------------------- training
