@@ -2,7 +2,8 @@
 
 An image codec maps pixels (B, 3, H, W) in [0, 1] to latents (B, C, h, w) and back. It is frozen
 and lives outside the trained module. ``PixelCodec`` is the identity codec (latents are pixels
-scaled to [-1, 1]); the VQ tokenizer's continuous latents plug in behind the same interface.
+scaled to [-1, 1]); the VQ tokenizer (``encoders.vq.VQTokenizer``) plugs in behind the same
+method names: ``encode_latents(pixels)`` and ``decode(latents)``.
 """
 
 from __future__ import annotations
@@ -23,15 +24,29 @@ class PixelCodec(nn.Module):
             raise ValueError(f"expected pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")
         return pixels * 2 - 1
 
+    def encode_latents(self, pixels: Tensor) -> Tensor:
+        """The VQTokenizer's name for the same thing: (B, 3, H, W) in [0, 1] -> latents."""
+        return self.encode(pixels)
+
     def decode(self, latents: Tensor) -> Tensor:
         """(B, 3, H, W) latents -> pixels in [0, 1]."""
         return ((latents + 1) / 2).clamp(0, 1)
 
 
-def build_codec(name: str) -> nn.Module:
+def build_codec(name: str, path: str | None = None) -> nn.Module:
+    """The image codec called ``name``: "pixel" (the identity) or "vq", which is
+    ``VQTokenizer.from_pretrained(path)`` (e.g. the VQ stage's ``runs/vq/final``, or a Janus
+    checkpoint folder), returned frozen."""
     if name == "pixel":
         return PixelCodec()
-    raise ValueError(f"unknown image codec {name!r}; available: 'pixel'")
+    if name == "vq":
+        if path is None:
+            raise ValueError("image codec 'vq' needs a path to a VQ tokenizer folder "
+                             "(e.g. runs/vq/final from `python -m train train/configs/vq.yaml`)")
+        from encoders.vq import VQTokenizer
+
+        return VQTokenizer.from_pretrained(path)
+    raise ValueError(f"unknown image codec {name!r}; available: 'pixel', 'vq'")
 
 
 def patchify(latents: Tensor, patch_size: int) -> Tensor:
