@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -43,8 +41,8 @@ from train.config import build_config, read_raw
 from train.detect import detect
 from train.detect import evaluate as evaluate_prompt
 from train.shapes import ShapesWorld
+from train.trainer import STATE_FILE, latest_checkpoint, lr_lambda
 
-STATE_FILE = "trainer_state.json"  # written last: marks a checkpoint complete
 ARCH_FIELDS = ("image_size", "block_out_channels", "layers_per_block", "latent_channels",
                "num_vq_embeddings", "vq_embed_dim", "norm_num_groups")
 
@@ -215,21 +213,6 @@ def save_recon_grid(originals: Tensor, recons: Tensor, path: Path, scale: int = 
     grid.save(path)
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint (one whose trainer_state.json was written last)."""
-    ckpts = [(int(m.group(1)), p) for p in (output_dir / "checkpoints").glob("step_*")
-             if (m := re.fullmatch(r"step_(\d+)", p.name)) and (p / STATE_FILE).is_file()]
-    return max(ckpts)[1] if ckpts else None
-
-
-def lr_factor(cfg: VQTrainConfig, step: int) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def restart_dead_codes(tok: VQTokenizer, usage: CodeUsage, pre_quant: Tensor, accelerator: Accelerator,
                        generator: torch.Generator) -> int:
     """Codes unused over the window get random encoder outputs of the current batch (gathered
@@ -271,7 +254,7 @@ def train(cfg: VQTrainConfig) -> Path:
     heldout = torch.stack([pil_to_tensor(ex.image, cfg.image_size) for ex in examples]).to(accelerator.device)
     heldout_meta = [ex.metadata for ex in examples]
     optimizer = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer, loader = accelerator.prepare(tok, optimizer, loader)
     accelerator.register_for_checkpointing(lr_sched, usage)
 
