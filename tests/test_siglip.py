@@ -195,6 +195,24 @@ def test_open_clip_named_models_use_their_tags_preprocessing():
     assert pp == {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"}
 
 
+def test_open_clip_model_by_name_with_a_local_weights_file(tmp_path):
+    """The open_clip path users take with a real SigLIP: a registered model name + a local weights
+    file (here a tiny timm-based config registered under a new name)."""
+    from safetensors.torch import save_file
+
+    name = "hybrid-test-tiny-SigLIP"
+    (tmp_path / f"{name}.json").write_text(json.dumps({**TIMM_CFG, "init_logit_bias": -10.0}))  # as SigLIP configs
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    model = clip_model(TIMM_CFG)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "weights.safetensors")
+    enc = SiglipEncoder.open_clip(name, tmp_path / "weights.safetensors")
+    assert (enc.num_tokens, enc.feature_dim, enc.image_size) == (100, 96, 160)  # timm test_vit3: width 96
+    # the weights came from the file (a name with no pretrained tags keeps open_clip's preprocessing)
+    reference = SiglipEncoder.from_open_clip_model(model, TIMM_CFG, enc.preprocess_cfg)
+    pixels = torch.rand(2, 3, 160, 160)
+    torch.testing.assert_close(enc(pixels), reference(pixels), rtol=0, atol=0)
+
+
 def test_bad_inputs_fail_clearly(tmp_path):
     enc, model = make("open_clip_vit")
     for bad in (torch.rand(3, 32, 32), torch.rand(2, 1, 32, 32), torch.rand(2, 4, 32, 32)):
