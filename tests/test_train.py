@@ -159,3 +159,24 @@ def test_init_from_a_converted_llama(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
     with pytest.raises(ValueError, match="(?s)do not fit.*size mismatch"):
         main([DEBUG, f"output_dir={tmp_path / 'bad'}", f"init_from={conv}", "model.ffn_dim=96", "steps=1"])
+
+
+def test_answer_is_read_where_training_puts_the_answer_target(debug_cfg):
+    """answer_accuracy reads the letter logits at len(question sample) - 2; in the training
+    sample (with the answer) that is exactly the position whose target is the answer letter."""
+    from hybrid.sequence import SampleBuilder
+    from hybrid.tokenizer import train_tokenizer
+    from train.data import understanding_question
+    from train.shapes import ShapesWorld
+
+    tokenizer = train_tokenizer(ShapesWorld(seed=0).corpus_texts(2000), 320)  # as the trainer does
+    sb = SampleBuilder(tokenizer, debug_cfg)
+    letters = [tokenizer.encode(k, add_special_tokens=False) for k in "ABCD"]
+    assert all(len(t) == 1 for t in letters), "each option letter must be one token"
+    for i in range(5):
+        q = ShapesWorld(seed=0).question_example(i, "heldout")
+        asked = sb.tokenize(understanding_question(q, with_answer=False))
+        trained = sb.tokenize(understanding_question(q))
+        trained_at = [j for j, t in enumerate(trained.targets) if t != -100]
+        answer = letters["ABCD".index(q.answer)][0]
+        assert trained_at[0] == len(asked) - 2 and trained.targets[trained_at[0]] == answer

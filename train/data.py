@@ -24,9 +24,11 @@ def understanding_caption(image, caption: str) -> list:
 
 
 def understanding_question(q: QuestionExample, with_answer: bool = True) -> list:
-    """MMBench-style: image, question and options as context; the loss is on the answer letter."""
+    """MMBench-style: image, question and options as context; the loss is on the answer letter.
+    The letter is its own segment with no leading space, so that it is a single token for any
+    byte-level tokenizer (" A" is one token only if the BPE happened to merge it)."""
     segs = [ImageSegment(q.image, "und"), TextSegment(q.format(), loss=False)]
-    return segs + [" " + q.answer] if with_answer else segs
+    return segs + [q.answer] if with_answer else segs
 
 
 class ShapesTrainSet(Dataset):

@@ -116,13 +116,17 @@ def score_samples(pixels: torch.Tensor, rows: list[dict]) -> dict[str, float]:
 
 @torch.no_grad()
 def answer_accuracy(model: HybridModel, encoder: SiglipEncoder, builder: SampleBuilder, world: ShapesWorld,
-                    split: str, n: int, batch_size: int = 16) -> float:
+                    split: str, n: int, batch_size: int = 16) -> dict[str, float]:
     """MMBench-style multiple choice through the understanding path: the model reads image,
     question and options, and its answer is the most likely of the four option letters at the
-    position where the answer would start."""
-    letters = [builder.tokenizer.encode(" " + k, add_special_tokens=False)[0] for k in "ABCD"]
+    position where the answer would start. Returns the accuracy overall ("all") and per question
+    category (chance: 0.25)."""
+    letters = [builder.tokenizer.encode(k, add_special_tokens=False) for k in "ABCD"]
+    if any(len(t) != 1 for t in letters) or len({t[0] for t in letters}) != 4:
+        raise ValueError(f"the option letters A..D must be one distinct token each, got {letters}")
+    letters = [t[0] for t in letters]
     device = next(model.parameters()).device
-    right = 0
+    hits: dict[str, list[bool]] = {}
     for lo in range(0, n, batch_size):
         qs = [world.question_example(i, split) for i in range(lo, min(n, lo + batch_size))]
         samples = [builder.tokenize(understanding_question(q, with_answer=False)) for q in qs]
@@ -133,8 +137,11 @@ def answer_accuracy(model: HybridModel, encoder: SiglipEncoder, builder: SampleB
         out = model(batch.input_ids, batch.position_ids, batch.attention_mask(model.config.attn_impl),
                     und_features=encoder(batch.und_images), und_index=batch.und_index, logits_index=last)
         picks = out.logits[:, letters].argmax(-1).tolist()  # (n,)
-        right += sum("ABCD"[p] == q.answer for p, q in zip(picks, qs))
-    return right / n
+        for p, q in zip(picks, qs):
+            right = "ABCD"[p] == q.answer
+            hits.setdefault("all", []).append(right)
+            hits.setdefault(q.category, []).append(right)
+    return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
 def save_sample_grid(pixels: torch.Tensor, prompts: list[str], path: Path, scale: int = 4) -> None:
@@ -298,8 +305,9 @@ def train(cfg: TrainConfig) -> Path:
         scores = score_samples(pixels, prompts)
         if cfg.mix_understand > 0:
             for split in ("train", "heldout"):
-                scores[f"answer_accuracy_{split}"] = answer_accuracy(unwrapped, encoder, collate, world, split,
-                                                                     cfg.und_eval)
+                acc = answer_accuracy(unwrapped, encoder, collate, world, split, cfg.und_eval)
+                scores[f"answer_accuracy_{split}"] = acc.pop("all")
+                scores.update({f"answer_accuracy_{split}/{k}": v for k, v in acc.items()})
         accelerator.log(scores, step=at)
         log_file.write(json.dumps({"step": at, **scores}) + "\n")
         log_file.flush()
