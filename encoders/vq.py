@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -106,7 +107,8 @@ class VQTokenizer(nn.Module):
     def encode(self, pixels: Tensor) -> VQEncoding:
         """(B, 3, H, W) in [0, 1] -> latents (B, C, h, w) normalised, codes (B, h, w)."""
         z = self.pre_quant(pixels)  # (B, C, h, w)
-        return VQEncoding(latents=(z - self.shift_factor) * self.scaling_factor, codes=self._nearest(z))
+        # latents leave in fp32 whatever the weights' dtype (a bf16 Janus checkpoint, say)
+        return VQEncoding(latents=(z.float() - self.shift_factor) * self.scaling_factor, codes=self._nearest(z))
 
     def encode_latents(self, pixels: Tensor) -> Tensor:
         return self.encode(pixels).latents
@@ -124,14 +126,14 @@ class VQTokenizer(nn.Module):
             if x.dim() != 4 or x.shape[1] != self.latent_channels:
                 raise ValueError(f"expected latents of shape (B, {self.latent_channels}, h, w) "
                                  f"or integer codes, got {tuple(x.shape)} {x.dtype}")
-            z = x / self.scaling_factor + self.shift_factor
+            z = (x.float() / self.scaling_factor + self.shift_factor).to(self.codebook.dtype)
             if quantize:
                 q = self._code_vectors(self._nearest(z))
             elif self.backend == "janus":  # its decoder only ever saw unit-norm code vectors
                 q = F.normalize(z, dim=1)
             else:
                 q = z
-        return ((self._decode_vectors(q) + 1) / 2).clamp(0, 1)
+        return ((self._decode_vectors(q).float() + 1) / 2).clamp(0, 1)
 
     def forward(self, pixels: Tensor) -> VQForward:
         """One training pass: ``VQModel.forward`` with its intermediates exposed (the stage needs
@@ -154,6 +156,7 @@ class VQTokenizer(nn.Module):
         """(B, 3, H, W) in [0, 1] -> raw (un-normalised) pre-quantisation latents (B, C, h, w):
         what training and the latent statistics behind ``scaling_factor`` / ``shift_factor`` use."""
         x = self._check_pixels(pixels) * 2 - 1  # both backends were trained on [-1, 1]
+        x = x.to(self.codebook.dtype)  # (B, 3, H, W) in the weights' dtype
         if self.backend == "diffusers":
             return self.model.encode(x).latents  # encoder + quant_conv: (B, C, h, w)
         return self.model.quant_conv(self.model.encoder(x))  # (B, C, h, w)
@@ -237,7 +240,16 @@ class VQTokenizer(nn.Module):
             raise ValueError(f"{path} has no {META_FILE} and no config.json; expected {EXPECTED}")
         config = json.loads((path / "config.json").read_text())
         if config.get("_class_name") == "VQModel":
-            return cls(_load_diffusers(path), config.get("scaling_factor", 1.0), 0.0)
+            if config.get("lookup_from_codebook"):
+                raise ValueError(f"{path}: VQModels with lookup_from_codebook=True decode code ids, not "
+                                 f"vectors; they are not supported")
+            scale = config.get("scaling_factor", 1.0)
+            if scale == 0.18215:  # diffusers writes SD-VAE's default into every VQModel config
+                warnings.warn(f"{path}: scaling_factor=0.18215 is diffusers' default, not a statistic of "
+                              f"this VQ model's latents; using 1.0 (set it with save_pretrained after "
+                              f"measuring the latents' std)")
+                scale = 1.0
+            return cls(_load_diffusers(path), scale, 0.0)
         if config.get("model_type") == "janus_vqgan":
             return cls(_load_janus_vqvae(path))
         if config.get("model_type") == "janus":

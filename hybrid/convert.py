@@ -540,8 +540,11 @@ def _siglip_processor(src: Path, size: int):
     from transformers import SiglipImageProcessor
     from transformers.models.janus import JanusImageProcessor
 
-    has = (src / "preprocessor_config.json").is_file()
-    jp = JanusImageProcessor.from_pretrained(str(src), local_files_only=True) if has else JanusImageProcessor()
+    if (src / "preprocessor_config.json").is_file():
+        jp = JanusImageProcessor.from_pretrained(str(src), local_files_only=True)
+    else:  # JanusImageProcessor() would default to CLIP's mean/std; Janus' own processor uses 0.5
+        warnings.warn(f"{src} has no preprocessor_config.json; assuming Janus' normalisation (mean = std = 0.5)")
+        jp = JanusImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return SiglipImageProcessor(size={"height": size, "width": size}, resample=jp.resample,
                                 do_rescale=True, rescale_factor=jp.rescale_factor, do_normalize=True,
                                 image_mean=list(jp.image_mean), image_std=list(jp.image_std))

@@ -224,7 +224,8 @@ class HybridModel(nn.Module):
         if und_features is not None:
             if und_index is None or und_index.shape != und_features.shape[:2]:
                 raise ValueError("und_features (n, M, F) needs und_index (n, M)")
-            emb = self.aligner(und_features).to(h.dtype)
+            # an encoder loaded in another precision (bf16 Janus tower) still feeds an fp32 model
+            emb = self.aligner(und_features.to(self.aligner[0].weight.dtype)).to(h.dtype)
             h = h.index_copy(0, und_index.reshape(-1), emb.reshape(-1, emb.shape[-1]))
         h = h.view(B, T, -1)  # (B, T, D)
 

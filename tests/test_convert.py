@@ -1,12 +1,14 @@
 """Checkpoint conversion: parity with transformers' own models (tiny random weights, fp32),
 exact round trips HF -> ours -> HF, the command line, and clear errors for what is refused."""
 
+import copy
 import json
 import warnings
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from PIL import Image
 from transformers import (
     JanusConfig,
     JanusForConditionalGeneration,
@@ -16,6 +18,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.models.janus import JanusImageProcessor
 
 from hybrid.checkpoint import iter_safetensors, load_pretrained_model
 from hybrid.convert import (
@@ -250,6 +253,8 @@ def janus_src(tmp_path_factory):
     src = tmp_path_factory.mktemp("janus") / "hf"
     save_hf(hf, src)
     tok.save_pretrained(str(src))
+    # Janus' own normalisation (0.5), which differs from JanusImageProcessor's CLIP defaults
+    JanusImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(src)
     return src, hf, tok
 
 
@@ -269,16 +274,17 @@ def test_janus_understanding_parity(janus_src):
     src, hf, tok = janus_src
     parts = load_janus(src)
     model, siglip, c = parts.model, parts.siglip, parts.model.config
-    image = torch.rand(3, c.image_size, c.image_size, generator=torch.Generator().manual_seed(2))
+    arr = torch.randint(0, 256, (c.image_size, c.image_size, 3), generator=torch.Generator().manual_seed(2))
+    image = Image.fromarray(arr.to(torch.uint8).numpy())
     sample = tokenize_sample(["w1 w2 w3", ImageSegment(image, "und"), "w4 w5 w6 w7"], tok, SpecialIds.from_config(c),
                              c.image_size, c.image_tokens, c.und_tokens)
     batch = pack([sample], len(sample), c.pad_id, bidirectional=bidirectional_kinds(c))
-    proc = siglip.processor
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (proc.image_mean, proc.image_std))
+    # the reference input comes from Janus' own image processor, saved with the checkpoint
+    pixel_values = JanusImageProcessor.from_pretrained(str(src))(images=image, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         ours = model(batch.input_ids, batch.position_ids, batch.attention_mask(), und_features=siglip(batch.und_images),
                      und_index=batch.und_index).logits
-        ref = hf(input_ids=batch.input_ids, pixel_values=(batch.und_images - mean) / std).logits
+        ref = hf(input_ids=batch.input_ids, pixel_values=pixel_values).logits
     diff = (ours - ref).abs().max().item()
     print(f"janus understanding: max |logit diff| = {diff:.2e}")
     assert diff < ATOL
@@ -348,3 +354,32 @@ def test_janus_unsupported_variants(janus_src, tmp_path):
     (nodir / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConversionError, match="image-token-ids"):
         convert_janus(nodir, tmp_path / "noids_out")
+
+
+def test_bf16_janus_converts_and_runs_in_fp32(janus_src, tmp_path):
+    """Janus-Pro ships bf16 weights: the converted components keep bf16 on disk, and the CPU path
+    (fp32 model) still reads the bf16 SigLIP features and the VQ latents / codes."""
+    from encoders.siglip import SiglipEncoder
+    from encoders.vq import VQTokenizer
+
+    src, hf, tok = janus_src
+    bf16 = tmp_path / "bf16"
+    save_hf(copy.deepcopy(hf).to(torch.bfloat16), bf16)  # the module-scoped fixture stays fp32
+    tok.save_pretrained(str(bf16))
+    JanusImageProcessor.from_pretrained(str(src)).save_pretrained(bf16)
+    assert main([str(bf16), str(tmp_path / "ours")]) == 0
+    model = load_pretrained_model(tmp_path / "ours")
+    siglip = SiglipEncoder.from_pretrained(tmp_path / "ours" / "siglip")
+    vq = VQTokenizer.from_pretrained(tmp_path / "ours" / "vq")
+    assert next(siglip.parameters()).dtype == torch.bfloat16 and vq.codebook.dtype == torch.bfloat16
+    c = model.config
+    pixels = torch.rand(1, 3, c.image_size, c.image_size)
+    enc = vq.encode(pixels)
+    assert enc.latents.dtype == torch.float32 and vq.decode(enc.codes).dtype == torch.float32
+    sample = tokenize_sample(["w1", ImageSegment(pixels[0], "und"), "w2"], tok, SpecialIds.from_config(c),
+                             c.image_size, c.image_tokens, c.und_tokens)
+    batch = pack([sample], len(sample), c.pad_id, bidirectional=bidirectional_kinds(c))
+    with torch.no_grad():
+        out = model(batch.input_ids, batch.position_ids, batch.attention_mask(), und_features=siglip(batch.und_images),
+                    und_index=batch.und_index)
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from PIL import Image
 from safetensors.torch import load_model
 from torch.utils.data import DataLoader
@@ -164,6 +164,9 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
+        # Some steps leave modules without gradient (no understanding image in a rank's batch ->
+        # no aligner gradient; a text-only batch -> no image head): DDP must not wait for them.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
@@ -333,11 +336,18 @@ def train(cfg: TrainConfig) -> Path:
             if batch.und_images.shape[0]:
                 with torch.set_grad_enabled(tuned is not None):
                     und = (tuned or encoder)(batch.und_images)  # (n_und, M, F)
+            elif tuned is not None:
+                # A fine-tuned encoder is its own DDP module: every rank must run it every step, or
+                # a rank whose batch has no understanding image leaves the others waiting.
+                idle = tuned(torch.zeros(1, 3, mcfg.image_size, mcfg.image_size, device=accelerator.device))
             loss = hybrid_loss(model, batch, scheduler, codec, mcfg.patch_size, mcfg.image_loss_weight,
                                mcfg.attn_impl, und_features=und, generator=noise_gen, image_head=mcfg.image_head)
+            if und is None and tuned is not None:
+                loss.total = loss.total + idle.sum() * 0.0
             accelerator.backward(loss.total)
             if accelerator.sync_gradients and cfg.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                trained = [*model.parameters(), *(tuned.parameters() if tuned is not None else ())]
+                grad_norm = accelerator.clip_grad_norm_(trained, cfg.grad_clip)
             optimizer.step()
             if accelerator.sync_gradients:
                 lr_sched.step()
