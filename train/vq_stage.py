@@ -218,8 +218,7 @@ def restart_dead_codes(tok: VQTokenizer, usage: CodeUsage, pre_quant: Tensor, ac
     """Codes unused over the window get random encoder outputs of the current batch (gathered
     from all processes, picked with a generator seeded identically everywhere, so every process
     makes the same change). Returns the number of restarted codes."""
-    counts = accelerator.reduce(usage.counts.to(accelerator.device), reduction="sum")
-    dead = (counts == 0).nonzero(as_tuple=True)[0]  # (n_dead,)
+    dead = (usage.counts == 0).nonzero(as_tuple=True)[0]  # (n_dead,): counts are global already
     usage.counts.zero_()
     if len(dead) == 0:
         return 0
@@ -324,7 +323,10 @@ def train(cfg: VQTrainConfig) -> Path:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         lr_sched.step()
-        usage.counts += torch.bincount(fwd.codes.flatten().cpu(), minlength=tok.codebook_size)
+        # Summed over processes every step, so every process holds the global counts: the one
+        # accelerate checkpoints (the main process's) is then right for every process on resume.
+        counts = torch.bincount(fwd.codes.flatten(), minlength=tok.codebook_size)
+        usage.counts += accelerator.reduce(counts, reduction="sum").cpu()
         step += 1
         seen += len(x) * accelerator.num_processes
         # Restarts stop one window before the end, so the decoder adapts to the last ones.
