@@ -123,6 +123,10 @@ def test_visual_paths_train_sample_and_export(tmp_path, visual_components, head,
     scored = [r for r in records if "answer_accuracy_heldout" in r]
     assert scored and 0.0 <= scored[-1]["answer_accuracy_heldout"] <= 1.0
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # no NaN
+    from train.sample_eval import score_run
+
+    scores = score_run(out / "final", n=4, seeds=[0], num_steps=2)  # the exported run is self-contained
+    assert scores["images"] == 4 and 0.0 <= scores["heldout"] <= 1.0 and 0.0 <= scores["train"] <= 1.0
     with pytest.raises(ValueError, match="vq_path"):
         load_config(DEBUG, ["model.image_codec=vq"])
     with pytest.raises(ValueError, match="siglip_path"):
