@@ -1,7 +1,8 @@
-"""Score a trained run's image generation on more prompts than the trainer's sample grid.
+"""Score a trained run on more examples than the trainer's periodic checks.
 
     python -m train.sample_eval runs/tiny_vq/final --n 96
     python -m train.sample_eval runs/tiny_ar/final --n 96 --seeds 0 1
+    python -m train.sample_eval runs/tiny_und/final --understanding --n 200
 
 Generates one image per prompt for ``n`` GenEval-format prompts (half from the training
 compositions, half held out; spread over the six tags) and applies the shapes detector with
@@ -11,6 +12,11 @@ the GenEval-compatible evaluation is ``eval/``'s job.
 Caveat: the detector assigns a shape to every blob it finds, so cluttered, meaningless images
 score above zero (a model with an untrained generation head reached 1/3 on a 6-prompt grid);
 compare runs against such a floor, not against zero.
+
+``--understanding`` instead scores the understanding path (the run's final/ must hold siglip/):
+multiple-choice accuracy per split and category, and an ablation that shows whether the model
+reads the image at all: the text loss on captions / answers with each sample's own image
+features vs with the features of another sample in the batch (shuffled).
 """
 
 from __future__ import annotations
@@ -28,12 +34,12 @@ from hybrid.tokenizer import load_tokenizer
 from schedulers import scheduler_from_dict
 from train.detect import detect, evaluate
 from train.shapes import ShapesWorld
-from train.trainer import sample_prompts, to_uint8
+from train.trainer import answer_accuracy, sample_prompts, to_uint8
 
 
 @torch.no_grad()
 def score_run(final: Path, n: int, seeds: list[int], guidance_scale: float = 3.0, num_steps: int = 25,
-              batch_size: int = 48) -> dict:
+              batch_size: int = 48, min_confidence: float = 0.3) -> dict:
     model = load_pretrained_model(final).eval()
     cfg = model.config
     tokenizer = load_tokenizer(final / "tokenizer", add_markers=False)
@@ -48,10 +54,43 @@ def score_run(final: Path, n: int, seeds: list[int], guidance_scale: float = 3.0
             ids = [tokenizer.encode(r["prompt"], add_special_tokens=False) for r in chunk]
             pixels = generate_images(model, ids, scheduler, codec, num_steps, guidance_scale, generator=g)
             for img, row in zip(to_uint8(pixels), chunk):
-                ok = evaluate(detect(img), {k: v for k, v in row.items() if k != "split"})[0]
+                found = detect(img, min_confidence=min_confidence)
+                ok = evaluate(found, {k: v for k, v in row.items() if k != "split"})[0]
                 for key in (row["split"], f"{row['split']}/{row['tag']}"):
                     hits.setdefault(key, []).append(ok)
     return {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())} | {"images": len(rows) * len(seeds)}
+
+
+@torch.no_grad()
+def understanding_report(final: Path, n: int, seed: int = 0) -> dict:
+    from encoders.siglip import SiglipEncoder
+    from hybrid.losses import hybrid_loss
+    from hybrid.sequence import SampleBuilder
+    from train.data import understanding_caption, understanding_question
+
+    model = load_pretrained_model(final).eval()
+    cfg = model.config
+    tokenizer = load_tokenizer(final / "tokenizer", add_markers=False)
+    encoder = SiglipEncoder.from_pretrained(final / "siglip")
+    codec = build_codec(cfg.image_codec, str(final / "vq") if cfg.image_codec == "vq" else None)
+    world = ShapesWorld(resolution=cfg.image_size, seed=0)
+    builder = SampleBuilder(tokenizer, cfg, caption_dropout=0.0)
+    report: dict = {}
+    for split in ("train", "heldout"):
+        report |= {f"answer_accuracy_{split}/{k}": round(v, 4)
+                   for k, v in answer_accuracy(model, encoder, builder, world, split, n).items()}
+        for kind in ("caption", "answer"):
+            items = [understanding_caption(world.caption_example(i, split).image, world.caption_example(i, split).prompt)
+                     if kind == "caption" else understanding_question(world.question_example(i, split))
+                     for i in range(min(n, 128))]
+            batch = builder(items)
+            feats = encoder(batch.und_images)  # (n, M, F)
+            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
+            for name, f in (("own_image", feats), ("shuffled_images", feats[perm])):
+                loss = hybrid_loss(model, batch, None, codec, cfg.patch_size, und_features=f,
+                                   image_head=cfg.image_head)
+                report[f"{kind}_text_loss_{split}/{name}"] = round(loss.text.item(), 4)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,10 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=96, help="prompts (half held out)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--min-confidence", type=float, default=0.3,
+                        help="detector threshold (0.3, GenEval's); higher rejects more clutter")
+    parser.add_argument("--understanding", action="store_true", help="score the understanding path instead")
     args = parser.parse_args(argv)
     if not (args.final / "config.json").is_file():
         parser.error(f"{args.final} is not a run's final/ folder (no config.json)")
-    print(json.dumps(score_run(args.final, args.n, args.seeds, args.guidance_scale), indent=2))
+    if args.understanding:
+        if not (args.final / "siglip").is_dir():
+            parser.error(f"{args.final} has no siglip/: the run did not train the understanding path")
+        print(json.dumps(understanding_report(args.final, args.n, args.seeds[0]), indent=2))
+    else:
+        print(json.dumps(score_run(args.final, args.n, args.seeds, args.guidance_scale,
+                                   min_confidence=args.min_confidence), indent=2))
     return 0
 
 
