@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 
+# Scaled RoPE variants whose frequencies are fixed at load time (no per-length recomputation, no
+# attention factor), computed by transformers' own ``ROPE_INIT_FUNCTIONS``.
+ROPE_SCALINGS = ("linear", "llama3")
+
+
 @dataclass
 class HybridConfig:
     # --- text / transformer -------------------------------------------------------------
@@ -27,6 +32,10 @@ class HybridConfig:
     ffn_multiple_of: int = 64
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Hugging Face's rope_parameters without rope_theta, for scaled RoPE: {"rope_type": "llama3",
+    # "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    # "original_max_position_embeddings": 8192} (Llama 3.1+) or {"rope_type": "linear", "factor": 2.0}.
+    rope_scaling: dict[str, Any] | None = None
     qk_norm: bool = False  # Chameleon's fix for logit drift in mixed-modal training
     attn_bias: bool = False  # Qwen2-style q/k/v bias
     tie_embeddings: bool = False
@@ -95,6 +104,9 @@ class HybridConfig:
             )
         elif self.latent_size % self.patch_size:
             problems.append(f"latent grid {self.latent_size} not divisible by patch_size={self.patch_size}")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ROPE_SCALINGS:
+            problems.append(f"rope_scaling.rope_type must be one of {ROPE_SCALINGS}, got "
+                            f"{self.rope_scaling.get('rope_type')!r}")
         if self.attn_impl not in ("sdpa", "flex"):
             problems.append(f"attn_impl must be 'sdpa' or 'flex', got {self.attn_impl!r}")
         if self.image_codec not in ("pixel", "vq"):

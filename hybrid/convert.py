@@ -10,7 +10,7 @@
 
 Weights are streamed tensor by tensor from (possibly sharded) safetensors and renamed with
 ``KeyMap``s (``hybrid/checkpoint.py``); the Hugging Face model is never built. Anything our model
-cannot compute exactly (scaled RoPE, sliding windows, biases it lacks, ...) is refused with the
+cannot compute exactly (dynamic / YaRN RoPE, sliding windows, biases it lacks, ...) is refused with the
 config field that asks for it. Round trips (HF -> ours -> HF) reproduce every tensor exactly.
 
 A converted folder loads with ``load_pretrained_model(dst)`` (``hybrid.checkpoint``),
@@ -52,7 +52,7 @@ from hybrid.checkpoint import (
     save_pretrained_model,
     save_sharded,
 )
-from hybrid.config import HybridConfig
+from hybrid.config import ROPE_SCALINGS, HybridConfig
 from hybrid.model import HybridModel
 from hybrid.tokenizer import SPECIAL_TOKENS
 
@@ -194,9 +194,9 @@ def _hf_text_config(raw: dict[str, Any], where: str):
         refuse("head_dim", head_dim, f"our attention uses hidden_size / num_attention_heads = "
                                      f"{c.hidden_size // c.num_attention_heads}")
     rope = dict(c.rope_parameters or {})
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", "default") not in ("default", *ROPE_SCALINGS):
         refuse("rope_parameters.rope_type (or rope_scaling)", rope.get("rope_type"),
-               "only unscaled RoPE is implemented")
+               f"implemented: default and the fixed-frequency scalings {ROPE_SCALINGS}")
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         refuse("rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"], "RoPE covers the whole head")
     if model_type == "llama":
@@ -209,6 +209,13 @@ def _hf_text_config(raw: dict[str, Any], where: str):
                f"layers {[i for i, t in enumerate(c.layer_types) if t != 'full_attention']} would use "
                f"sliding-window attention, which our model does not")
     return c
+
+
+def _rope_scaling(rope: dict[str, Any]) -> dict[str, Any] | None:
+    """HF rope_parameters -> HybridConfig.rope_scaling (None for plain RoPE)."""
+    if rope.get("rope_type", "default") == "default":
+        return None
+    return {k: v for k, v in rope.items() if k != "rope_theta" and v is not None}
 
 
 def _special_id(c, folder: Path, name: str) -> Any:
@@ -241,6 +248,7 @@ def _text_fields(c, folder: Path) -> dict[str, Any]:
     return dict(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
                 n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads, ffn_dim=c.intermediate_size,
                 norm_eps=c.rms_norm_eps, rope_theta=float(c.rope_parameters["rope_theta"]),
+                rope_scaling=_rope_scaling(c.rope_parameters),
                 attn_bias=c.model_type == "qwen2", qk_norm=False, tie_embeddings=bool(c.tie_word_embeddings),
                 max_seq_len=c.max_position_embeddings, init_std=c.initializer_range,
                 bos_id=bos, eos_id=eos, pad_id=pad)
@@ -386,7 +394,8 @@ def hf_text_config(cfg: HybridConfig, arch: str):
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                   num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
-                  rms_norm_eps=cfg.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                  rms_norm_eps=cfg.norm_eps,
+                  rope_parameters={**(cfg.rope_scaling or {"rope_type": "default"}), "rope_theta": cfg.rope_theta},
                   tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
                   bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id, pad_token_id=cfg.pad_id, hidden_act="silu")
     if arch == "llama":
@@ -680,7 +689,7 @@ examples:
 The source format is read from SRC/config.json (model_type llama | qwen2 | janus, or a HybridConfig).
 A Hugging Face source converts to 'hybrid'; a hybrid source defaults to 'janus' when it has siglip/
 and vq/ folders, else to 'qwen2' if it has q/k/v biases, else 'llama'. Only local safetensors are read.
-Refused, with the config field named: scaled RoPE (e.g. Llama 3.1+'s rope_type 'llama3'), sliding-window
+Supported RoPE: default, 'linear' and Llama 3.1+'s 'llama3'. Refused, with the config field named: dynamic / YaRN RoPE, sliding-window
 layers, o_proj / MLP biases, head_dim != hidden_size / heads, non-SiLU MLPs, and Janus variants our
 modules cannot compute exactly (vision qk-norm, aligner depths that differ, non-GELU aligners).
 """

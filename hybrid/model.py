@@ -46,13 +46,30 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def scaled_inv_freq(head_dim: int, theta: float, scaling: dict) -> Tensor:
+    """Inverse frequencies of a scaled RoPE (Llama 3.1's "llama3", "linear"), computed by
+    transformers' own init function so converted checkpoints rotate exactly as they were trained."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim,
+                     rope_parameters={**scaling, "rope_theta": theta})
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf, device=torch.device("cpu"))
+    if attention_factor != 1.0:
+        raise ValueError(f"rope_type {scaling['rope_type']!r} scales attention by {attention_factor}; not supported")
+    return inv_freq.float()
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE with the Llama / Hugging Face (rotate-half) layout, driven by explicit position ids
     so positions restart at 0 for every packed document."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        if scaling is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        else:
+            inv_freq = scaled_inv_freq(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -143,7 +160,7 @@ class HybridModel(nn.Module):
         self.config = cfg
         D = cfg.dim
         self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(D, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)

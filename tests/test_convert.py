@@ -81,10 +81,18 @@ def tensors(folder) -> dict[str, torch.Tensor]:
 # --- Llama / Qwen2 ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)])
-def test_text_parity_and_round_trip(tmp_path, arch, tied):
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("arch,tied,rope", [("llama", False, None), ("llama", True, None), ("qwen2", False, None),
+                                            ("qwen2", True, None), ("llama", True, LLAMA3_ROPE),
+                                            ("qwen2", False, {"rope_type": "linear", "rope_theta": 5e5, "factor": 4.0})])
+def test_text_parity_and_round_trip(tmp_path, arch, tied, rope):
+    """Llama 3.2-style scaled RoPE included ("llama3", with an original context shorter than the
+    test sequence so the scaled low frequencies matter; and "linear")."""
     cls, cfg_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
-    rope = {"rope_type": "default", "rope_theta": 5e5}
+    rope = rope or {"rope_type": "default", "rope_theta": 5e5}
     hf = randomize(cls(cfg_cls(**TEXT, tie_word_embeddings=tied, rope_parameters=rope)))
     src = save_hf(hf, tmp_path / "hf", max_shard_size="40KB")  # sharded: exercises the streamed index
     assert (src / "model.safetensors.index.json").is_file()
@@ -92,10 +100,11 @@ def test_text_parity_and_round_trip(tmp_path, arch, tied):
         ours = load_hf_causal_lm(src).eval()
     c = ours.config
     assert (c.n_kv_heads, c.tie_embeddings, c.attn_bias, c.rope_theta) == (2, tied, arch == "qwen2", 5e5)
-    ids = torch.randint(0, TEXT["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(1))
+    assert (c.rope_scaling or {}).get("rope_type", "default") == rope["rope_type"]
+    ids = torch.randint(0, TEXT["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (text_logits(ours, ids) - hf(ids).logits).abs().max().item()
-    print(f"{arch} tied={tied}: max |logit diff| = {diff:.2e}")
+    print(f"{arch} tied={tied} rope={rope['rope_type']}: max |logit diff| = {diff:.2e}")
     assert diff < ATOL
 
     # HF -> ours -> HF: every tensor identical, and transformers loads it without complaint
@@ -153,7 +162,7 @@ def test_fallback_image_ids_avoid_special_tokens(tmp_path):
 
 
 @pytest.mark.parametrize("arch,change,field", [
-    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_type"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "rope_type"),
     ("llama", {"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_theta": 1e4}, "rope_type"),
     ("llama", {"attention_bias": True}, "attention_bias"),
     ("llama", {"mlp_bias": True}, "mlp_bias"),
