@@ -53,7 +53,7 @@ from encoders.siglip import SiglipEncoder, open_clip_preprocess
 from hybrid.tokenizer import load_tokenizer, train_tokenizer
 from train.config import build_config, read_raw
 from train.shapes import ShapesWorld
-from train.trainer import STATE_FILE, drop_log_after, latest_checkpoint, lr_lambda
+from train.trainer import STATE_FILE, lr_lambda, resume_run
 
 # SigLIP's preprocessing (open_clip's tags for SigLIP): mean/std 0.5, bicubic, squash.
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -320,20 +320,7 @@ def train(cfg: SiglipTrainConfig) -> Path:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(lr_sched)  # stepped once per step, not per process
 
-    step = 0
-    resume_from = None if cfg.resume == "none" else latest_checkpoint(out) if cfg.resume == "auto" else Path(cfg.resume)
-    if resume_from is not None:
-        if not (resume_from / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{resume_from} is not a complete checkpoint (no {STATE_FILE})")
-        state = json.loads((resume_from / STATE_FILE).read_text())
-        if state.get("model_cfg") != model_cfg:
-            raise ValueError(f"{resume_from} was trained with a different model config; use another "
-                             f"output_dir, or resume=none to start over")
-        accelerator.load_state(str(resume_from))
-        step = state["step"]
-        accelerator.print(f"resumed from {resume_from} at step {step}")
-        if main:
-            drop_log_after(out / "log.jsonl", step)
+    step = resume_run(accelerator, out, cfg.resume, "model_cfg", model_cfg)
 
     unwrapped = accelerator.unwrap_model(model)
     log_file = (out / "log.jsonl").open("a") if main else None

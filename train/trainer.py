@@ -52,6 +52,28 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(ckpts)[1] if ckpts else None
 
 
+def resume_run(accelerator, out: Path, resume: str, key: str, expected) -> int:
+    """Restore the run state of ``out`` (``resume``: "auto" = newest complete checkpoint, "none",
+    or a checkpoint path) and return its step (0 when starting fresh). ``trainer_state.json[key]``
+    must equal ``expected`` (the model config): a different model must not silently resume."""
+    ckpt = None if resume == "none" else latest_checkpoint(out) if resume == "auto" else Path(resume)
+    if ckpt is None:
+        return 0
+    if not (ckpt / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {STATE_FILE})")
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    saved = state.get(key)
+    if saved is not None and saved != expected:
+        diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+        raise ValueError(f"{ckpt} was trained with a different model config (differs in {diff}); "
+                         f"use another output_dir, or resume=none to start over")
+    accelerator.load_state(str(ckpt))
+    accelerator.print(f"resumed from {ckpt} at step {state['step']}")
+    if accelerator.is_main_process:
+        drop_log_after(out / "log.jsonl", state["step"])
+    return state["step"]
+
+
 def drop_log_after(log: Path, step: int) -> None:
     """After a resume, forget log records past the checkpoint: they are about to be redone."""
     if log.is_file():
@@ -255,21 +277,7 @@ def train(cfg: TrainConfig) -> Path:
     # RNG is no good here: every new DataLoader iterator draws from it.)
     noise_gen = torch.Generator(accelerator.device)
 
-    step = 0
-    resume_from = None if cfg.resume == "none" else latest_checkpoint(out) if cfg.resume == "auto" else Path(cfg.resume)
-    if resume_from is not None:
-        if not (resume_from / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{resume_from} is not a complete checkpoint (no {STATE_FILE})")
-        state = json.loads((resume_from / STATE_FILE).read_text())
-        if state.get("model_config") not in (None, mcfg.to_dict()):
-            diff = sorted(k for k, v in mcfg.to_dict().items() if state["model_config"].get(k) != v)
-            raise ValueError(f"{resume_from} was trained with a different model config (differs in {diff}); "
-                             f"use another output_dir, or resume=none to start over")
-        accelerator.load_state(str(resume_from))
-        step = state["step"]
-        accelerator.print(f"resumed from {resume_from} at step {step}")
-        if main:
-            drop_log_after(out / "log.jsonl", step)
+    step = resume_run(accelerator, out, cfg.resume, "model_config", mcfg.to_dict())
     accelerator.init_trackers("hybrid", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)})
 
     log_file = (out / "log.jsonl").open("a") if main else None

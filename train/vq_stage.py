@@ -41,7 +41,7 @@ from train.config import build_config, read_raw
 from train.detect import detect
 from train.detect import evaluate as evaluate_prompt
 from train.shapes import ShapesWorld
-from train.trainer import STATE_FILE, latest_checkpoint, lr_lambda
+from train.trainer import STATE_FILE, lr_lambda, resume_run
 
 ARCH_FIELDS = ("image_size", "block_out_channels", "layers_per_block", "latent_channels",
                "num_vq_embeddings", "vq_embed_dim", "norm_num_groups")
@@ -257,24 +257,8 @@ def train(cfg: VQTrainConfig) -> Path:
     model, optimizer, loader = accelerator.prepare(tok, optimizer, loader)
     accelerator.register_for_checkpointing(lr_sched, usage)
 
-    step = 0
-    resume_from = None if cfg.resume == "none" else latest_checkpoint(out) if cfg.resume == "auto" else Path(cfg.resume)
-    if resume_from is not None:
-        if not (resume_from / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{resume_from} is not a complete checkpoint (no {STATE_FILE})")
-        state = json.loads((resume_from / STATE_FILE).read_text())
-        arch = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.arch().items()}
-        if state["arch"] != arch:
-            diff = sorted(k for k in arch if state["arch"].get(k) != arch[k])
-            raise ValueError(f"{resume_from} was trained with a different architecture (differs in {diff}); "
-                             f"use another output_dir, or resume=none to start over")
-        accelerator.load_state(str(resume_from))
-        step = state["step"]
-        accelerator.print(f"resumed from {resume_from} at step {step}")
-        if main and (out / "log.jsonl").is_file():  # forget records past the checkpoint: they are redone
-            lines = (out / "log.jsonl").read_text().splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-            (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
+    arch = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.arch().items()}  # as JSON stores it
+    step = resume_run(accelerator, out, cfg.resume, "arch", arch)
     log_file = (out / "log.jsonl").open("a") if main else None
     if main:
         n_params = sum(p.numel() for p in tok.parameters())
