@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from encoders.siglip import SiglipEncoder, open_clip_preprocess
 from hybrid.tokenizer import load_tokenizer, train_tokenizer
 from train.config import build_config, read_raw
 from train.shapes import ShapesWorld
-from train.trainer import STATE_FILE, lr_lambda, resume_run
+from train.trainer import lr_lambda, resume_run, save_run
 
 # SigLIP's preprocessing (open_clip's tags for SigLIP): mean/std 0.5, bicubic, squash.
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -346,15 +345,7 @@ def train(cfg: SiglipTrainConfig) -> Path:
         return res
 
     def checkpoint(at: int) -> None:
-        path = out / "checkpoints" / f"step_{at:07d}"
-        accelerator.save_state(str(path))
-        if main:
-            # Written last: its presence marks the checkpoint complete (a killed save is ignored).
-            (path / STATE_FILE).write_text(json.dumps({"step": at, "model_cfg": model_cfg}))
-            done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
-            for old in done[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        save_run(accelerator, out, at, "model_cfg", model_cfg, cfg.keep_checkpoints)
 
     model.train()
     end = min(cfg.steps, cfg.stop_at or cfg.steps)

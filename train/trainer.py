@@ -52,6 +52,20 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(ckpts)[1] if ckpts else None
 
 
+def save_run(accelerator, out: Path, step: int, key: str, value, keep: int) -> None:
+    """Save the run state as ``out/checkpoints/step_XXXXXXX``; ``trainer_state.json`` (step and
+    ``key: value``, what ``resume_run`` checks) is written last, so its presence marks the
+    checkpoint complete and a killed save is ignored. Only the newest ``keep`` are kept."""
+    path = out / "checkpoints" / f"step_{step:07d}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / STATE_FILE).write_text(json.dumps({"step": step, key: value}))
+        done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
 def resume_run(accelerator, out: Path, resume: str, key: str, expected) -> int:
     """Restore the run state of ``out`` (``resume``: "auto" = newest complete checkpoint, "none",
     or a checkpoint path) and return its step (0 when starting fresh). ``trainer_state.json[key]``
@@ -290,15 +304,7 @@ def train(cfg: TrainConfig) -> Path:
                           f"codec={mcfg.image_codec}")
 
     def checkpoint(at: int) -> None:
-        path = out / "checkpoints" / f"step_{at:07d}"
-        accelerator.save_state(str(path))
-        if main:
-            # Written last: its presence marks the checkpoint complete (a killed save is ignored).
-            (path / STATE_FILE).write_text(json.dumps({"step": at, "model_config": mcfg.to_dict()}))
-            done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
-            for old in done[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        save_run(accelerator, out, at, "model_config", mcfg.to_dict(), cfg.keep_checkpoints)
 
     def sample(at: int) -> None:
         if not main:

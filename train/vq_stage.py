@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from train.config import build_config, read_raw
 from train.detect import detect
 from train.detect import evaluate as evaluate_prompt
 from train.shapes import ShapesWorld
-from train.trainer import STATE_FILE, lr_lambda, resume_run
+from train.trainer import lr_lambda, resume_run, save_run, to_uint8
 
 ARCH_FIELDS = ("image_size", "block_out_channels", "layers_per_block", "latent_channels",
                "num_vq_embeddings", "vq_embed_dim", "norm_num_groups")
@@ -187,7 +186,7 @@ def evaluate(tok: VQTokenizer, images: Tensor, metadata: list[dict], batch: int 
         c.append(psnr(tok.decode(enc.latents, quantize=False), x))
         codes.append(enc.codes)
     tok.train(was_training)
-    u8 = (torch.cat(recons) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+    u8 = to_uint8(torch.cat(recons))  # (N, H, W, 3)
     hits = [evaluate_prompt(detect(im), meta)[0] for im, meta in zip(u8, metadata)]
     return {"heldout_psnr": float(torch.cat(q).mean()), "heldout_psnr_continuous": float(torch.cat(c).mean()),
             **{f"heldout_{k}": v for k, v in code_stats(torch.cat(codes), tok.codebook_size).items()},
@@ -203,7 +202,7 @@ def latent_stats(tok: VQTokenizer, images: Tensor, batch: int = 128) -> tuple[fl
 
 def save_recon_grid(originals: Tensor, recons: Tensor, path: Path, scale: int = 4) -> None:
     """Originals in the top row, their reconstructions below, upscaled (nearest)."""
-    rows = [(t.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy() for t in (originals, recons)]
+    rows = [to_uint8(t) for t in (originals, recons)]  # 2 x (n, H, W, 3)
     n, H, W, _ = rows[0].shape
     grid = Image.new("RGB", (n * (W * scale + 2) + 2, 2 * (H * scale + 2) + 2), (40, 40, 40))
     for r, imgs in enumerate(rows):
@@ -273,15 +272,7 @@ def train(cfg: VQTrainConfig) -> Path:
             accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
 
     def checkpoint(at: int) -> None:
-        path = out / "checkpoints" / f"step_{at:07d}"
-        accelerator.save_state(str(path))
-        if main:
-            arch = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.arch().items()}
-            (path / STATE_FILE).write_text(json.dumps({"step": at, "arch": arch}))
-            done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
-            for old in done[: -cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        save_run(accelerator, out, at, "arch", arch, cfg.keep_checkpoints)
 
     def run_eval(at: int) -> dict:
         metrics = evaluate(tok, heldout, heldout_meta) if main else {}
