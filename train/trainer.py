@@ -221,7 +221,8 @@ def train(cfg: TrainConfig) -> Path:
     def component(given: str | None, name: str) -> str | None:  # a path, or init_from's copy
         return given or (str(init / name) if init is not None and (init / name).is_dir() else None)
 
-    world = ShapesWorld(resolution=cfg.model_config().image_size, seed=cfg.seed)
+    base = cfg.model_config()  # preset or init_from's config.json, plus the model: overrides
+    world = ShapesWorld(resolution=base.image_size, seed=cfg.seed)
     tok_dir = out / "tokenizer"
     tok_src = component(cfg.tokenizer, "tokenizer")
     if init is not None and tok_src is None:
@@ -238,7 +239,6 @@ def train(cfg: TrainConfig) -> Path:
         tokenizer = load_tokenizer(tok_dir)
 
     # Frozen components first: the model's latent grid, codebook and feature sizes come from them.
-    base = cfg.model_config()
     codec = build_codec(base.image_codec, component(cfg.vq_path, "vq")).to(accelerator.device).eval()
     sizes = dict(latent_channels=codec.latent_channels, latent_downsample=codec.downsample)
     if base.image_codec == "vq":
