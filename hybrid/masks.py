@@ -71,3 +71,16 @@ def build_attention_mask(document_ids: Tensor, span_ids: Tensor, impl: str = "sd
     if impl == "flex":
         return flex_block_mask(document_ids, span_ids)
     raise ValueError(f"unknown attention implementation {impl!r}; use 'sdpa' or 'flex'")
+
+
+def cached_mask(past_valid: Tensor, document_ids: Tensor, span_ids: Tensor) -> Tensor:
+    """Mask (B, 1, n, L + n) for a chunk of n new tokens run against L cached ones.
+
+    The chunk's own part follows ``dense_mask`` (causal, bidirectional inside its image spans,
+    padding on its own); a real new token sees every real cached token. A chunk never holds two
+    documents: a cache is one document per row, left-padded (``document_ids`` -1 = padding)."""
+    _check_layout(document_ids, span_ids)
+    own = dense_mask(document_ids, span_ids)  # (B, 1, n, n)
+    real = document_ids >= 0  # (B, n)
+    past = past_valid[:, None, None, :] & real[:, None, :, None]  # (B, 1, n, L)
+    return torch.cat([past, own], dim=-1)

@@ -25,6 +25,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from hybrid.cache import KVCache
 from hybrid.config import HybridConfig
 from hybrid.masks import AttentionMask
 
@@ -91,7 +92,8 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -100,6 +102,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if cache is not None:  # attend to the cached prefix as well: (B, Hkv, L + T, hd)
+            k, v = cache.write(layer, k, v)
         if isinstance(mask, BlockMask):
             out = _flex(q, k, v, mask)
         else:
@@ -131,8 +135,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -214,6 +219,7 @@ class HybridModel(nn.Module):
         und_index: Tensor | None = None,
         logits_index: Tensor | None = None,
         gen_codes: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> HybridOutput:
         """
         input_ids, position_ids: (B, T); attn_mask: (B, 1, T, T) bool or a BlockMask.
@@ -223,10 +229,17 @@ class HybridModel(nn.Module):
         und_features: (n_und, M, F); und_index: (n_und, M).
         logits_index: optional flat positions (K,) where text logits are wanted (saves the
         (B, T, V) projection when only a few positions carry a text loss).
+        cache: run these T tokens after the cached ones (generation). attn_mask is then
+        (B, 1, T, cache.length + T) (``masks.cached_mask``) and every index above is relative to
+        this chunk; the chunk's keys/values are written to the cache, which keeps them only when
+        the caller commits them (``KVCache``).
         """
         B, T = input_ids.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        total = T + (cache.length if cache is not None else 0)
+        if total > self.config.max_seq_len:
+            raise ValueError(f"sequence length {total} exceeds max_seq_len={self.config.max_seq_len}")
+        if cache is not None:
+            cache.reserve(T)
         h = self.embed_tokens(input_ids).view(B * T, -1)  # (B*T, D)
         if gen_tokens is not None:
             if gen_index is None or gen_timesteps is None or gen_index.shape != gen_tokens.shape[:2]:
@@ -247,8 +260,8 @@ class HybridModel(nn.Module):
         h = h.view(B, T, -1)  # (B, T, D)
 
         cos, sin = self.rope(position_ids, h.dtype)
-        for layer in self.layers:
-            h = layer(h, cos, sin, attn_mask)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, attn_mask, cache, i)
         hn = self.norm(h)
 
         flat = hn.view(B * T, -1)
@@ -257,9 +270,15 @@ class HybridModel(nn.Module):
         if gen_tokens is not None:
             image_pred = self.image_out(flat[gen_index.reshape(-1)]).view(*gen_index.shape, -1)  # (n, N, P)
         code_logits = None
-        if gen_codes is not None:  # code i is predicted from the position before it (<boi> for i=0)
+        if gen_codes is not None and cache is None:  # code i is predicted from the position before
+            # it (<boi> for i=0); with a cache that position may be cached: use next_code_logits
             code_logits = self.gen_head(flat[gen_index.reshape(-1) - 1]).view(*gen_index.shape, -1)  # (n, N, K)
         return HybridOutput(logits=logits, image_pred=image_pred, hidden=h, code_logits=code_logits)
+
+    def next_code_logits(self, hidden: Tensor) -> Tensor:
+        """(..., D) final hidden states (``HybridOutput.hidden``) -> (..., K) logits of the code
+        that follows each position: the "ar" head for decoding one code at a time."""
+        return self.gen_head(self.norm(hidden))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

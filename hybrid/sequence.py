@@ -194,13 +194,17 @@ def pack(
     truncate_long: bool = False,
     packing: bool = True,
     bidirectional: Sequence[str] = (GEN, UND),
+    pad_left: bool = False,
 ) -> MultimodalBatch:
     """Pack samples into rows of exactly ``seq_len`` tokens, first fit in the given order.
-    ``packing=False`` puts every sample in its own (right-padded) row, as sampling wants.
+    ``packing=False`` puts every sample in its own (right-padded) row; with ``pad_left`` the
+    padding goes first, so every row ends at the same index (a batched prompt for a KV cache).
     Spans of the kinds in ``bidirectional`` get span ids (bidirectional attention inside them);
     the others stay causal (see ``bidirectional_kinds``)."""
     if not samples:
         raise ValueError("cannot pack an empty list of samples")
+    if pad_left and packing:
+        raise ValueError("pad_left=True needs packing=False (one sample per row)")
     checked = []
     for i, s in enumerate(samples):
         if len(s) > seq_len:
@@ -231,7 +235,8 @@ def pack(
     span_ids = torch.full((B, seq_len), -1, dtype=torch.long)
     gen_imgs, gen_idx, und_imgs, und_idx = [], [], [], []
     for b, row in enumerate(rows):
-        off, n_span = 0, 0
+        off, n_span = (seq_len - len(row[0])) if pad_left else 0, 0
+        lead = off
         for d, s in enumerate(row):
             L = len(s)
             input_ids[b, off : off + L] = torch.tensor(s.input_ids)
@@ -248,6 +253,7 @@ def pack(
             off += L
         # Padding: position ids keep counting so RoPE stays well defined; pads never affect tokens.
         position_ids[b, off:] = torch.arange(seq_len - off)
+        position_ids[b, :lead] = torch.arange(lead)
 
     def stack(imgs, idx):
         if not imgs:

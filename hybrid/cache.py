@@ -1,0 +1,105 @@
+"""The key/value cache that lets generation run each token (or each denoising step's image
+tokens) once against an already-computed prefix.
+
+Layout. One preallocated buffer per layer for keys and one for values, (B, H_kv, capacity, hd).
+Rows are *left*-padded: every row's newest cached token sits at index ``length - 1``, so one
+cache holds a batch of prompts of different lengths (and the conditional and unconditional
+rows of classifier-free guidance). ``valid`` (B, capacity) marks real tokens; padding slots are
+masked out of every later query. ``next_pos`` (B,) is each row's next RoPE position, which is
+the row's real length, not the buffer index.
+
+Writing and keeping are separate. During a forward pass every layer writes the new chunk's
+keys/values at ``[length, length + n)`` and attends to ``[0, length + n)``; only ``commit``
+advances ``length``. A denoising step therefore runs the image tokens against the prefix and
+leaves the cache as it was (the next step overwrites the same slots), while a decoded token or a
+finished image is committed and becomes part of the prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (batch, n_kv_heads, max(capacity, 1), head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.valid = torch.zeros(batch, shape[2], dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model, batch: int, capacity: int) -> "KVCache":
+        c = model.config
+        p = next(model.parameters())
+        return cls(c.n_layers, batch, c.n_kv_heads, c.head_dim, capacity, p.device, p.dtype)
+
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more slots (doubling, so a long decode reallocates rarely)."""
+        need = self.length + n
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity)
+        grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:-2], cap - t.shape[-2], t.shape[-1])], dim=-2)
+        self.keys = [grow(k) for k in self.keys]
+        self.values = [grow(v) for v in self.values]
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch, cap - self.capacity)], dim=1)
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store a chunk's (B, H_kv, n, hd) keys/values after the kept prefix; return the keys and
+        values the chunk attends to, (B, H_kv, length + n, hd). Call ``reserve(n)`` first."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def commit(self, valid: Tensor) -> None:
+        """Keep the chunk just written; ``valid`` (B, n) marks its real tokens (False: padding)."""
+        n = valid.shape[1]
+        self.valid[:, self.length:self.length + n] = valid
+        self.next_pos += valid.sum(1)
+        self.length += n
+
+    def positions(self, n: int) -> Tensor:
+        """(B, n) RoPE positions for the next ``n`` real tokens of every row."""
+        return self.next_pos[:, None] + torch.arange(n, device=self.next_pos.device)
+
+    def select(self, rows: Tensor | list[int]) -> "KVCache":
+        """A cache holding only ``rows`` (e.g. the conditional rows once an image is done)."""
+        rows = torch.as_tensor(rows, device=self.valid.device)
+        out = KVCache.__new__(KVCache)
+        out.keys = [k[rows] for k in self.keys]
+        out.values = [v[rows] for v in self.values]
+        out.valid, out.next_pos, out.length = self.valid[rows], self.next_pos[rows], self.length
+        return out
+
+    @staticmethod
+    def stack(caches: list["KVCache"]) -> "KVCache":
+        """Concatenate caches along the batch, left-padding the shorter ones to the longest."""
+        L = max(c.length for c in caches)
+        out = KVCache.__new__(KVCache)
+
+        def pad(t: Tensor, c: KVCache, dim: int) -> Tensor:
+            kept = t.narrow(dim, 0, c.length)
+            shape = list(kept.shape)
+            shape[dim] = L - c.length
+            return torch.cat([kept.new_zeros(shape), kept], dim=dim)
+
+        n_layers = len(caches[0].keys)
+        out.keys = [torch.cat([pad(c.keys[i], c, 2) for c in caches]) for i in range(n_layers)]
+        out.values = [torch.cat([pad(c.values[i], c, 2) for c in caches]) for i in range(n_layers)]
+        out.valid = torch.cat([pad(c.valid, c, 1) for c in caches])
+        out.next_pos = torch.cat([c.next_pos for c in caches])
+        out.length = L
+        return out
