@@ -32,14 +32,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from encoders.latents import PixelCodec, patchify
-from hybrid.checkpoint import CONFIG, WEIGHTS, load_pretrained_model, save_pretrained_model
+from encoders.latents import PixelCodec
+from hybrid.checkpoint import CONFIG, load_pretrained_model, save_pretrained_model
 from hybrid.config import HybridConfig
 from hybrid.model import HybridModel
 from hybrid.sampling import (
-    commit_image, decode_image, denoise, guide, prefill, run_chunk, sample_codes, sample_token, scheduler_for,
+    commit_image, decode_image, denoise, prefill, run_chunk, sample_codes, sample_token, scheduler_for,
 )
-from hybrid.sequence import ImageSegment, SpecialIds, TextSegment, TokenizedSample, tokenize_sample
+from hybrid.sequence import ImageSegment, SpecialIds, TokenizedSample, tokenize_sample
 from schedulers import Scheduler, get_scheduler, scheduler_from_dict
 
 SCHEDULER_FILE = "scheduler.json"
@@ -97,9 +97,9 @@ class HybridPipeline:
                                         f"or a training run's final/")
         model = load_pretrained_model(path)
         cfg = model.config
-        # our tokenizers carry the <boi>/<eoi>/<img> markers; a converted checkpoint's markers have
-        # their own names and the config already holds their ids
-        tok = load_tokenizer(path / "tokenizer", add_markers=_has_our_markers(path / "tokenizer"))
+        # as saved: the markers the config's ids point at are in it (ours, or a converted
+        # checkpoint's own, e.g. Janus' <begin_of_image>); check() compares the two
+        tok = load_tokenizer(path / "tokenizer", add_markers=False)
         sched = None
         if (path / SCHEDULER_FILE).is_file():
             sched = scheduler_from_dict(json.loads((path / SCHEDULER_FILE).read_text()))
@@ -274,10 +274,11 @@ class HybridPipeline:
     def stream_text(self, prompt: str | Sequence[str], images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] = (),
                     max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, stop: Sequence[str] = (), seed: Seed = None,
-                    output_scores: bool = False) -> Iterator[list[str]]:
+                    output_scores: bool = False, ignore_eos: bool = False) -> Iterator[list[str]]:
         """Yield, after every decoding step, the new text of each prompt (a list, one string per
         prompt; "" where nothing new is printable yet). The return value (``StopIteration.value``,
-        or what ``generate_text`` returns) is the ``TextGeneration``."""
+        or what ``generate_text`` returns) is the ``TextGeneration``. ``ignore_eos`` never samples
+        ``<eos>`` (exactly ``max_new_tokens`` tokens: benchmarks)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompts given")
@@ -299,6 +300,9 @@ class HybridPipeline:
         for step in range(max_new_tokens):
             if scores is not None:
                 scores.append(logits.float().cpu())
+            if ignore_eos:
+                logits = logits.clone()
+                logits[:, c.eos_id] = float("-inf")
             tok = sample_token(logits, temperature, top_k, top_p, gens)  # (B,)
             deltas = [""] * B
             for b, t in enumerate(tok.tolist()):
@@ -329,10 +333,11 @@ class HybridPipeline:
     def generate_text(self, prompt: str | Sequence[str], images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] = (),
                       max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                       top_p: float | None = None, stop: Sequence[str] = (), seed: Seed = None,
-                      output_scores: bool = False) -> TextGeneration:
+                      output_scores: bool = False, ignore_eos: bool = False) -> TextGeneration:
         """Continue each prompt (batched, left-padded, KV-cached). ``images``: input images for a
         single prompt, or one list per prompt. temperature 0 is greedy."""
-        it = self.stream_text(prompt, images, max_new_tokens, temperature, top_k, top_p, stop, seed, output_scores)
+        it = self.stream_text(prompt, images, max_new_tokens, temperature, top_k, top_p, stop, seed, output_scores,
+                              ignore_eos)
         while True:
             try:
                 next(it)
@@ -504,15 +509,6 @@ class HybridPipeline:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-def _has_our_markers(tok_dir: Path) -> bool:
-    try:
-        vocab = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]
-        added = {t["content"] for t in json.loads((tok_dir / "tokenizer.json").read_text()).get("added_tokens", [])}
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        return True
-    return "<boi>" in vocab or "<boi>" in added or not any("image" in a for a in added)
-
 
 def _images_per_prompt(images, n: int) -> list[list]:
     images = list(images)

@@ -27,11 +27,8 @@ from pathlib import Path
 
 import torch
 
-from encoders.latents import build_codec
-from hybrid.checkpoint import load_pretrained_model
+from hybrid.pipeline import HybridPipeline
 from hybrid.sampling import generate_images
-from hybrid.tokenizer import load_tokenizer
-from schedulers import scheduler_from_dict
 from train.detect import detect, evaluate
 from train.shapes import ShapesWorld
 from train.trainer import answer_accuracy, sample_prompts, to_uint8
@@ -40,11 +37,8 @@ from train.trainer import answer_accuracy, sample_prompts, to_uint8
 @torch.no_grad()
 def score_run(final: Path, n: int, seeds: list[int], guidance_scale: float = 3.0, num_steps: int = 25,
               batch_size: int = 48, min_confidence: float = 0.3) -> dict:
-    model = load_pretrained_model(final).eval()
-    cfg = model.config
-    tokenizer = load_tokenizer(final / "tokenizer", add_markers=False)
-    codec = build_codec(cfg.image_codec, str(final / "vq") if cfg.image_codec == "vq" else None)
-    scheduler = scheduler_from_dict(json.loads((final / "scheduler.json").read_text()))
+    pipe = HybridPipeline.from_pretrained(final)
+    model, tokenizer, codec, scheduler, cfg = pipe.model, pipe.tokenizer, pipe.codec, pipe.scheduler, pipe.config
     rows = sample_prompts(ShapesWorld(resolution=cfg.image_size, seed=0), n, heldout=True)
     hits: dict[str, list[bool]] = {}
     for seed in seeds:
@@ -63,16 +57,14 @@ def score_run(final: Path, n: int, seeds: list[int], guidance_scale: float = 3.0
 
 @torch.no_grad()
 def understanding_report(final: Path, n: int, seed: int = 0) -> dict:
-    from encoders.siglip import SiglipEncoder
     from hybrid.losses import hybrid_loss
     from hybrid.sequence import SampleBuilder
     from train.data import understanding_caption, understanding_question
 
-    model = load_pretrained_model(final).eval()
-    cfg = model.config
-    tokenizer = load_tokenizer(final / "tokenizer", add_markers=False)
-    encoder = SiglipEncoder.from_pretrained(final / "siglip")
-    codec = build_codec(cfg.image_codec, str(final / "vq") if cfg.image_codec == "vq" else None)
+    pipe = HybridPipeline.from_pretrained(final)
+    if pipe.siglip is None:
+        raise FileNotFoundError(f"{final} has no siglip/ folder: the understanding report needs the encoder")
+    model, tokenizer, encoder, codec, cfg = pipe.model, pipe.tokenizer, pipe.siglip, pipe.codec, pipe.config
     world = ShapesWorld(resolution=cfg.image_size, seed=0)
     builder = SampleBuilder(tokenizer, cfg, caption_dropout=0.0)
     report: dict = {}

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from encoders.latents import build_codec
 from encoders.siglip import SiglipEncoder
-from hybrid.checkpoint import save_pretrained_model
+from hybrid.pipeline import HybridPipeline
 from hybrid.losses import hybrid_loss
 from hybrid.model import HybridModel
 from hybrid.sampling import generate_images, scheduler_for
@@ -407,13 +407,10 @@ def train(cfg: TrainConfig) -> Path:
     sample(step)
     final = out / "final"
     if main:
-        save_pretrained_model(unwrapped, final)
-        tokenizer.save_pretrained(str(final / "tokenizer"))
-        (final / "scheduler.json").write_text(json.dumps(scheduler.to_dict(), indent=2))
-        if codec_name == "vq":
-            codec.save_pretrained(final / "vq")  # the export is self-contained
-        if encoder is not None:
-            encoder.save_pretrained(final / "siglip")  # the fine-tuned weights if siglip_trainable
+        # the pipeline's layout: model + tokenizer + scheduler + vq/ + siglip/ (the fine-tuned
+        # encoder if siglip_trainable), self-contained for HybridPipeline.from_pretrained
+        HybridPipeline(unwrapped, tokenizer, scheduler, codec if codec_name == "vq" else None, encoder
+                       ).save_pretrained(final)
         log_file.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
