@@ -85,16 +85,17 @@ class KVCache:
         return out
 
     @staticmethod
-    def stack(caches: list["KVCache"]) -> "KVCache":
-        """Concatenate caches along the batch, left-padding the shorter ones to the longest."""
+    def stack(caches: list["KVCache"], room: int = 0) -> "KVCache":
+        """Concatenate caches along the batch, left-padding the shorter ones to the longest, with
+        ``room`` free slots after it."""
         L = max(c.length for c in caches)
         out = KVCache.__new__(KVCache)
 
         def pad(t: Tensor, c: KVCache, dim: int) -> Tensor:
             kept = t.narrow(dim, 0, c.length)
-            shape = list(kept.shape)
-            shape[dim] = L - c.length
-            return torch.cat([kept.new_zeros(shape), kept], dim=dim)
+            before, after = list(kept.shape), list(kept.shape)
+            before[dim], after[dim] = L - c.length, room
+            return torch.cat([kept.new_zeros(before), kept, kept.new_zeros(after)], dim=dim)
 
         n_layers = len(caches[0].keys)
         out.keys = [torch.cat([pad(c.keys[i], c, 2) for c in caches]) for i in range(n_layers)]

@@ -37,7 +37,8 @@ from hybrid.checkpoint import CONFIG, load_pretrained_model, save_pretrained_mod
 from hybrid.config import HybridConfig
 from hybrid.model import HybridModel
 from hybrid.sampling import (
-    commit_image, decode_image, denoise, prefill, run_chunk, sample_codes, sample_token, scheduler_for,
+    commit_image, decode_image, denoise, image_prefix, prefill, run_chunk, sample_codes, sample_token,
+    scheduler_for, with_uncond_rows,
 )
 from hybrid.sequence import ImageSegment, SpecialIds, TokenizedSample, tokenize_sample
 from schedulers import Scheduler, get_scheduler, scheduler_from_dict
@@ -248,12 +249,10 @@ class HybridPipeline:
             ids = ids + [c.boi_id]
         return TokenizedSample(ids, [-100] * len(ids), spans, imgs)
 
-    def _uncond_row(self) -> TokenizedSample:
-        c = self.config
-        return TokenizedSample([c.bos_id, c.boi_id], [-100] * 2, [], [])
-
-    def _encode_und(self, pixels: Tensor) -> Tensor:
-        return self.siglip(pixels.to(self.device))
+    def _und_encoder(self) -> Callable[[Tensor], Tensor] | None:
+        if self.siglip is None:
+            return None
+        return lambda pixels: self.siglip(pixels.to(self.device))
 
     def _check_fits(self, rows: Sequence[TokenizedSample], extra: int, what: str) -> None:
         longest = max(len(r) for r in rows)
@@ -290,14 +289,18 @@ class HybridPipeline:
         self._check_fits(rows, 1, "the first new token")
         c, B = self.config, len(rows)
         capacity = min(c.max_seq_len, max(len(r) for r in rows) + max_new_tokens)
-        cache, out = prefill(self.model, rows, self._encode_und if self.siglip is not None else None, capacity)
+        cache, out = prefill(self.model, rows, self._und_encoder(), capacity)
         logits = out.logits  # (B, V) at each prompt's last token
         gens = self._generators(seed, B)
         ids: list[list[int]] = [[] for _ in range(B)]
         shown = [""] * B
         reasons: list[str | None] = [None] * B
         scores = [] if output_scores else None
+        # a stop string may be arriving: hold back as many characters as could start one, so
+        # nothing yielded is later cut (the hold is released when the row ends)
+        hold = max((len(s) for s in stop), default=1) - 1
         for step in range(max_new_tokens):
+            last = step == max_new_tokens - 1 or cache.length + 1 > c.max_seq_len
             if scores is not None:
                 scores.append(logits.float().cpu())
             if ignore_eos:
@@ -310,25 +313,24 @@ class HybridPipeline:
                     continue
                 ids[b].append(t)
                 if t == c.eos_id:
-                    reasons[b] = "eos"
-                    continue
-                text = self._decode(ids[b])
-                cut = _find_stop(text, stop)
-                if cut is not None:
-                    text, reasons[b] = text[:cut], "stop"
-                elif text.endswith("\ufffd"):
-                    continue  # a multi-byte character is not complete yet
-                deltas[b], shown[b] = text[len(shown[b]):], text
+                    reasons[b], text = "eos", self._decode(ids[b][:-1])
+                else:
+                    text = self._decode(ids[b])
+                    cut = _find_stop(text, stop)
+                    if cut is not None:
+                        text, reasons[b] = text[:cut], "stop"
+                    elif not last:
+                        if text.endswith("\ufffd"):
+                            continue  # a multi-byte character is not complete yet
+                        text = text[:len(text) - hold]
+                if len(text) > len(shown[b]):
+                    deltas[b], shown[b] = text[len(shown[b]):], text
             yield deltas
-            if all(r is not None for r in reasons) or step == max_new_tokens - 1:
-                break
-            if cache.length + 1 > c.max_seq_len:
-                break  # the context is full: the rows still running end with "length"
+            if all(r is not None for r in reasons) or last:
+                break  # when the context is full, the rows still running end with "length"
             feed = torch.where(torch.tensor([r is None for r in reasons], device=tok.device), tok, c.pad_id)
             logits = run_chunk(self.model, cache, feed[:, None], keep=True).logits
-        texts = [shown[b] if reasons[b] == "stop" else self._decode([t for t in ids[b] if t != c.eos_id])
-                 for b in range(B)]
-        return TextGeneration(texts, ids, [r or "length" for r in reasons], scores)
+        return TextGeneration(shown, ids, [r or "length" for r in reasons], scores)
 
     def generate_text(self, prompt: str | Sequence[str], images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] = (),
                       max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
@@ -373,16 +375,18 @@ class HybridPipeline:
         sched = self._scheduler(scheduler)
         gens = self._generators(seed, n)
         use_cfg = guidance_scale != 1.0
-        cache, out = self._image_prefix(rows, use_cfg)
+        cache, boi_hidden = image_prefix(self.model, rows, use_cfg, self._und_encoder())
         latents = codes = None
         if c.image_head == "ar":
-            codes = sample_codes(self.model, cache, out.hidden[:, -1], n, guidance_scale, temperature, top_k, top_p,
-                                 gens, callback)
+            bar = _progress(c.image_tokens, progress, "image tokens")
+            codes = sample_codes(self.model, cache, boi_hidden, n, guidance_scale, temperature, top_k, top_p,
+                                 gens, _tick(callback, bar))
+            bar.close()
             pixels = decode_image(self.model, self.codec, codes=codes)
         else:
-            steps = _progress(num_steps, progress, "denoising")
-            x = denoise(self.model, cache, n, sched, num_steps, guidance_scale, gens, _tick(callback, steps))
-            steps.close()
+            bar = _progress(num_steps, progress, "denoising")
+            x = denoise(self.model, cache, n, sched, num_steps, guidance_scale, gens, _tick(callback, bar))
+            bar.close()
             pixels = decode_image(self.model, self.codec, tokens=x)
             if return_latents:
                 from encoders.latents import unpatchify
@@ -400,7 +404,7 @@ class HybridPipeline:
         if isinstance(scheduler, str):
             sched = get_scheduler(scheduler)  # unknown names: a ValueError listing the valid ones
             if scheduler == "ddpm" and self.config.image_codec == "pixel":
-                sched = scheduler_for(self.config)
+                sched = get_scheduler("ddpm", clip_sample=True)  # as scheduler_for: bounded pixel latents
         else:
             sched = scheduler
         trained = get_scheduler(self.config.scheduler).prediction_type
@@ -409,29 +413,23 @@ class HybridPipeline:
                              f"with {self.config.scheduler!r} ({trained})")
         return sched
 
-    def _image_prefix(self, rows: list[TokenizedSample], use_cfg: bool):
-        """Prefill conditional rows and, for CFG, as many ``<bos><boi>`` rows, in one cache."""
-        rows = rows + ([self._uncond_row()] * len(rows) if use_cfg else [])
-        capacity = max(len(r) for r in rows) + self.config.image_tokens + 1
-        return prefill(self.model, rows, self._encode_und if self.siglip is not None else None, capacity)
-
     # ---------------------------------------------------------------- interleaved
     @torch.no_grad()
     def generate_interleaved(self, prompt: str | Sequence, images: Sequence[ImageLike] = (), max_new_tokens: int = 128,
                              max_images: int = 4, temperature: float = 0.0, top_k: int | None = None,
                              top_p: float | None = None, num_steps: int = 25, guidance_scale: float = 3.0,
                              image_temperature: float = 1.0, image_top_k: int | None = None, seed: int | None = None,
-                             ) -> InterleavedGeneration:
+                             progress: bool = False) -> InterleavedGeneration:
         """Write text; when the model emits ``<boi>``, generate the image in place (with CFG
         against a ``<bos><boi>`` row), append the clean image and ``<eoi>`` to the cache, and go
         on writing. Returns the text pieces and images in order. ``max_new_tokens`` counts text
         tokens; after ``max_images`` images a further ``<boi>`` is not allowed. ``seed`` seeds the
-        text; image k is drawn with ``seed + 1 + k``."""
+        text; image k is drawn with ``seed + 1 + k``. ``progress`` shows a bar per image."""
         c = self.config
         row = self._prompt_row(prompt, images)
         self.check()
         self._check_fits([row], 1, "the first new token")
-        cache, out = prefill(self.model, [row], self._encode_und if self.siglip is not None else None,
+        cache, out = prefill(self.model, [row], self._und_encoder(),
                              len(row) + max_new_tokens + max_images * (c.image_tokens + 2))
         logits = out.logits
         gen = self._generators(seed, 1)
@@ -461,7 +459,7 @@ class HybridPipeline:
             # image k draws from seed + 1 + k: the image generate_image(prompt so far, seed=seed + 1 + k) draws
             img_gen = self._generators(None if seed is None else seed + 1 + n_images, 1)
             image, logits = self._image_in_place(cache, boi.hidden[:, -1], guidance_scale, num_steps,
-                                                 image_temperature, image_top_k, img_gen)
+                                                 image_temperature, image_top_k, img_gen, progress)
             result.parts.append(image)
             n_images += 1
         if text:
@@ -469,25 +467,26 @@ class HybridPipeline:
         return result
 
     def _image_in_place(self, cache, boi_hidden: Tensor, guidance_scale: float, num_steps: int,
-                        temperature: float, top_k: int | None, gen) -> tuple[Image.Image, Tensor]:
+                        temperature: float, top_k: int | None, gen, progress: bool) -> tuple[Image.Image, Tensor]:
         """Generate one image after the ``<boi>`` that ends ``cache`` (one row), then commit the
         clean image and ``<eoi>`` to it. Returns the image and the logits after ``<eoi>``."""
         c = self.config
         both, hidden = cache, boi_hidden
-        if guidance_scale != 1.0:
-            uncond, u_out = prefill(self.model, [self._uncond_row()], capacity=c.image_tokens + 2)
-            both = type(cache).stack([cache, uncond])  # rows [cond, uncond], left-padded
-            hidden = torch.cat([boi_hidden, u_out.hidden[:, -1]])
+        if guidance_scale != 1.0:  # rows [cond, uncond]
+            both, hidden = with_uncond_rows(self.model, cache, boi_hidden, c.image_tokens + 1)
+        bar = _progress(c.image_tokens if c.image_head == "ar" else num_steps, progress, "image")
         if c.image_head == "ar":
-            codes = sample_codes(self.model, both, hidden, 1, guidance_scale, temperature, top_k, None, gen)
+            codes = sample_codes(self.model, both, hidden, 1, guidance_scale, temperature, top_k, None, gen,
+                                 _tick(None, bar))
             kept = both.select([0]) if both is not cache else cache
             out = commit_image(self.model, kept, codes=codes[:, -1:])
             pixels = decode_image(self.model, self.codec, codes=codes)
         else:
-            x = denoise(self.model, both, 1, self.scheduler, num_steps, guidance_scale, gen)
+            x = denoise(self.model, both, 1, self.scheduler, num_steps, guidance_scale, gen, _tick(None, bar))
             kept = both.select([0]) if both is not cache else cache
             out = commit_image(self.model, kept, tokens=x)
             pixels = decode_image(self.model, self.codec, tokens=x)
+        bar.close()
         _adopt(cache, kept)
         return _to_pil(pixels)[0], out.logits
 
@@ -552,8 +551,8 @@ def _progress(total: int, show: bool, desc: str):
 
 
 def _tick(callback, bar):
-    def f(i, t, x, pred):
+    def f(*args):
         bar.update(1)
         if callback is not None:
-            callback(i, t, x, pred)
+            callback(*args)
     return f

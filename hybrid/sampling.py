@@ -149,6 +149,29 @@ def prefill(model: nn.Module, rows: Sequence[TokenizedSample], und_encoder: Call
 
 # --- images -----------------------------------------------------------------------------------
 
+def with_uncond_rows(model: nn.Module, cache: KVCache, last_hidden: Tensor, room: int) -> tuple[KVCache, Tensor]:
+    """Stack the unconditional branch under a cache of n conditional rows that end with
+    ``<boi>``: n ``<bos><boi>`` rows. The row is computed once (two tokens, not a copy of the
+    padded prompt length) and repeated. Returns the 2n-row cache (``room`` free slots) and the
+    (2n, D) hidden states at ``<boi>``."""
+    cfg: HybridConfig = model.config
+    n = cache.batch
+    uncond, out = prefill(model, [TokenizedSample([cfg.bos_id, cfg.boi_id], [IGNORE] * 2, [], [])])
+    both = KVCache.stack([cache, uncond.select([0] * n)], room=room)
+    return both, torch.cat([last_hidden, out.hidden[:, -1].expand(n, -1)])
+
+
+def image_prefix(model: nn.Module, rows: Sequence[TokenizedSample], use_cfg: bool,
+                 und_encoder: Callable[[Tensor], Tensor] | None = None) -> tuple[KVCache, Tensor]:
+    """The cache an image is generated against: ``rows`` (each ending with ``<boi>``), then for
+    CFG the unconditional rows. Returns the cache and the hidden states at ``<boi>`` (B, D)."""
+    room = model.config.image_tokens + 1
+    cache, out = prefill(model, rows, und_encoder, capacity=max(len(r) for r in rows) + room)
+    if not use_cfg:
+        return cache, out.hidden[:, -1]
+    return with_uncond_rows(model, cache, out.hidden[:, -1], room)
+
+
 @torch.no_grad()
 def denoise(model: nn.Module, cache: KVCache, n: int, scheduler: Scheduler, num_steps: int,
             guidance_scale: float, generator: Generators = None,
@@ -264,13 +287,13 @@ def generate_images(
     cfg: HybridConfig = model.config
     n = len(prompt_ids)
     use_cfg = guidance_scale != 1.0
-    rows = prompt_prefix_rows(prompt_ids, cfg, with_uncond=use_cfg)
+    rows = prompt_prefix_rows(prompt_ids, cfg, with_uncond=False)
     need = max(len(r) for r in rows) + cfg.image_tokens
     if need > cfg.max_seq_len:
         raise ValueError(f"prompt + image need {need} tokens, more than max_seq_len={cfg.max_seq_len}")
-    cache, out = prefill(model, rows, capacity=need)
+    cache, boi_hidden = image_prefix(model, rows, use_cfg)
     if cfg.image_head == "ar":
-        codes = sample_codes(model, cache, out.hidden[:, -1], n, guidance_scale, temperature, top_k, None, generator)
+        codes = sample_codes(model, cache, boi_hidden, n, guidance_scale, temperature, top_k, None, generator)
         return decode_image(model, codec, codes=codes)
     x = denoise(model, cache, n, scheduler, num_steps, guidance_scale, generator)
     return decode_image(model, codec, tokens=x)

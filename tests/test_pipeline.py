@@ -213,6 +213,12 @@ def test_streaming_yields_the_generated_text_piece_by_piece(tokenizer):
     full = pipe.generate_text("a photo of", **kw)
     assert len(pieces) == len(full.token_ids[0])  # one yield per decoding step
     assert "".join(p[0] for p in pieces) == full.texts[0]
+    # with a stop string, nothing streamed is later cut: the pieces add up to the final text
+    stop = full.texts[0][4:7]
+    pieces = list(pipe.stream_text("a photo of", stop=[stop], **kw))
+    cut = pipe.generate_text("a photo of", stop=[stop], **kw)
+    assert cut.finish_reasons == ["stop"] and "".join(p[0] for p in pieces) == cut.texts[0]
+    assert cut.texts[0] == full.texts[0][: full.texts[0].index(stop)]
 
 
 def test_stop_strings_and_eos_end_rows(tokenizer):
