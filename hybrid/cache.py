@@ -8,6 +8,9 @@ rows of classifier-free guidance). ``valid`` (B, capacity) marks real tokens; pa
 masked out of every later query. ``next_pos`` (B,) is each row's next RoPE position, which is
 the row's real length, not the buffer index.
 
+``CacheGroups`` runs several caches as one batch (the conditional and unconditional rows of
+classifier-free guidance), each part attending only to its own buffer.
+
 Writing and keeping are separate. During a forward pass every layer writes the new chunk's
 keys/values at ``[length, length + n)`` and attends to ``[0, length + n)``; only ``commit``
 advances ``length``. A denoising step therefore runs the image tokens against the prefix and
@@ -30,6 +33,7 @@ class KVCache:
         self.valid = torch.zeros(batch, shape[2], dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
+        self.padded = False  # any kept slot masked out (left padding)? if not, masks can often be skipped
 
     @classmethod
     def for_model(cls, model, batch: int, capacity: int) -> "KVCache":
@@ -40,6 +44,10 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.valid.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.valid.device
 
     @property
     def capacity(self) -> int:
@@ -67,6 +75,7 @@ class KVCache:
     def commit(self, valid: Tensor) -> None:
         """Keep the chunk just written; ``valid`` (B, n) marks its real tokens (False: padding)."""
         n = valid.shape[1]
+        self.padded = self.padded or not bool(valid.all())
         self.valid[:, self.length:self.length + n] = valid
         self.next_pos += valid.sum(1)
         self.length += n
@@ -82,25 +91,57 @@ class KVCache:
         out.keys = [k[rows] for k in self.keys]
         out.values = [v[rows] for v in self.values]
         out.valid, out.next_pos, out.length = self.valid[rows], self.next_pos[rows], self.length
+        out.padded = not bool(out.valid[:, :out.length].all())
         return out
 
-    @staticmethod
-    def stack(caches: list["KVCache"], room: int = 0) -> "KVCache":
-        """Concatenate caches along the batch, left-padding the shorter ones to the longest, with
-        ``room`` free slots after it."""
-        L = max(c.length for c in caches)
-        out = KVCache.__new__(KVCache)
+    # one cache is one group of rows sharing a buffer; CacheGroups holds several
+    @property
+    def parts(self) -> list["KVCache"]:
+        return [self]
 
-        def pad(t: Tensor, c: KVCache, dim: int) -> Tensor:
-            kept = t.narrow(dim, 0, c.length)
-            before, after = list(kept.shape), list(kept.shape)
-            before[dim], after[dim] = L - c.length, room
-            return torch.cat([kept.new_zeros(before), kept, kept.new_zeros(after)], dim=dim)
+    @property
+    def rows(self) -> list[slice]:
+        return [slice(0, self.batch)]
 
-        n_layers = len(caches[0].keys)
-        out.keys = [torch.cat([pad(c.keys[i], c, 2) for c in caches]) for i in range(n_layers)]
-        out.values = [torch.cat([pad(c.values[i], c, 2) for c in caches]) for i in range(n_layers)]
-        out.valid = torch.cat([pad(c.valid, c, 1) for c in caches])
-        out.next_pos = torch.cat([c.next_pos for c in caches])
-        out.length = L
-        return out
+
+class CacheGroups:
+    """Several caches run as one batch: the rows of each part attend only to their own part's
+    buffer. Classifier-free guidance uses it: the unconditional rows hold ``<bos><boi>``, two
+    tokens, so their attention should not sweep the conditional prompt's length of padding.
+    The projections and MLPs still run on the whole batch; only attention goes part by part."""
+
+    def __init__(self, parts: list[KVCache]):
+        self.parts = parts
+        ends = torch.tensor([p.batch for p in parts]).cumsum(0).tolist()
+        self.rows = [slice(e - p.batch, e) for e, p in zip(ends, parts)]
+
+    @property
+    def batch(self) -> int:
+        return sum(p.batch for p in self.parts)
+
+    @property
+    def length(self) -> int:
+        return max(p.length for p in self.parts)
+
+    @property
+    def next_pos(self) -> Tensor:
+        return torch.cat([p.next_pos for p in self.parts])
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].valid.device
+
+    def reserve(self, n: int) -> None:
+        for p in self.parts:
+            p.reserve(n)
+
+    def commit(self, valid: Tensor) -> None:
+        for p, r in zip(self.parts, self.rows):
+            p.commit(valid[r])
+
+    def select(self, rows: list[int]) -> KVCache:
+        """The rows of one part, as a plain cache (e.g. the conditional rows after an image)."""
+        for p, r in zip(self.parts, self.rows):
+            if all(r.start <= i < r.stop for i in rows):
+                return p.select([i - r.start for i in rows])
+        raise ValueError(f"rows {rows} span several parts of the group")

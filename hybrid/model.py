@@ -25,7 +25,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from hybrid.cache import KVCache
+from hybrid.cache import CacheGroups, KVCache
 from hybrid.config import HybridConfig
 from hybrid.masks import AttentionMask
 
@@ -42,9 +42,25 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
     return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm as Hugging Face computes it (in fp32, then back to the input dtype), so
+    converted bf16 checkpoints normalise as they were trained. Same parameter name as nn.RMSNorm;
+    in fp32 it gives the same values, with fewer kernel calls on the CPU."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE: x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1). ``sin``
+    comes sign-folded, (-sin, sin), so rotate_half is one roll (fewer kernels; the same values)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def scaled_inv_freq(head_dim: int, theta: float, scaling: dict) -> Tensor:
@@ -74,9 +90,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(B, T) positions -> cos and sign-folded sin (see ``apply_rope``), each (B, 1, T, hd)."""
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, hd)
+        sin = freqs.sin()
+        cos = torch.cat((freqs, freqs), dim=-1).cos()  # (B, T, hd)
+        return cos.to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
 
 
 class Attention(nn.Module):
@@ -89,29 +107,34 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         # QK-norm (Chameleon, OLMo-2, Qwen3): normalise each head's queries and keys so attention
         # logits cannot drift upwards when text and image tokens compete in one softmax.
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask | list,
+                cache: KVCache | CacheGroups | None = None, layer: int = 0) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:  # attend to the cached prefix as well: (B, Hkv, L + T, hd)
-            k, v = cache.write(layer, k, v)
-        if isinstance(mask, BlockMask):
-            out = _flex(q, k, v, mask)
-        else:
-            if self.n_kv_heads != self.n_heads:  # SDPA's fused CPU kernels want equal head counts
-                rep = self.n_heads // self.n_kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = self.attend(q, k, v, mask)
+        else:  # each part of the cache: its rows attend to its cached prefix too, (b, Hkv, L + T, hd)
+            masks = mask if isinstance(mask, list) else [mask]
+            out = torch.cat([self.attend(q[r], *part.write(layer, k[r], v[r]), m)
+                             for part, r, m in zip(cache.parts, cache.rows, masks)])
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None) -> Tensor:
+        """(B, H, T, hd) queries against (B, Hkv, S, hd) keys / values -> (B, H, T, hd)."""
+        if isinstance(mask, BlockMask):
+            return _flex(q, k, v, mask)
+        if self.n_kv_heads != self.n_heads:  # SDPA's fused CPU kernels want equal head counts
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class FeedForward(nn.Module):
@@ -130,13 +153,13 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: HybridConfig):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, cfg.attn_bias, cfg.norm_eps)
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask | list,
+                cache: KVCache | CacheGroups | None = None, layer: int = 0) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -167,7 +190,7 @@ class HybridModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(D, eps=cfg.norm_eps)
+        self.norm = RMSNorm(D, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -219,7 +242,7 @@ class HybridModel(nn.Module):
         und_index: Tensor | None = None,
         logits_index: Tensor | None = None,
         gen_codes: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | CacheGroups | None = None,
     ) -> HybridOutput:
         """
         input_ids, position_ids: (B, T); attn_mask: (B, 1, T, T) bool or a BlockMask.
@@ -230,8 +253,8 @@ class HybridModel(nn.Module):
         logits_index: optional flat positions (K,) where text logits are wanted (saves the
         (B, T, V) projection when only a few positions carry a text loss).
         cache: run these T tokens after the cached ones (generation). attn_mask is then
-        (B, 1, T, cache.length + T) (``masks.cached_mask``) and every index above is relative to
-        this chunk; the chunk's keys/values are written to the cache, which keeps them only when
+        (B, 1, T, cache.length + T) (``masks.cached_mask``; None = attend to everything; a list
+        with one mask per part of ``CacheGroups``) and every index above is relative to this chunk; the chunk's keys/values are written to the cache, which keeps them only when
         the caller commits them (``KVCache``).
         """
         B, T = input_ids.shape

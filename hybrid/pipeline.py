@@ -62,7 +62,7 @@ class TextGeneration:
 class ImageGeneration:
     images: list[Image.Image]
     pixels: Tensor  # (n, 3, H, W) in [0, 1]
-    latents: Tensor | None = None  # (n, C, h, w): diffusion latents, or the "ar" head's code latents
+    latents: Tensor | None = None  # (n, C, h, w): the diffusion head's latents, if return_latents
     codes: Tensor | None = None  # (n, h, w) VQ codes ("ar" head)
 
 
@@ -472,22 +472,19 @@ class HybridPipeline:
         clean image and ``<eoi>`` to it. Returns the image and the logits after ``<eoi>``."""
         c = self.config
         both, hidden = cache, boi_hidden
-        if guidance_scale != 1.0:  # rows [cond, uncond]
+        if guidance_scale != 1.0:  # rows [cond, uncond]; the cond part is ``cache`` itself
             both, hidden = with_uncond_rows(self.model, cache, boi_hidden, c.image_tokens + 1)
         bar = _progress(c.image_tokens if c.image_head == "ar" else num_steps, progress, "image")
         if c.image_head == "ar":
             codes = sample_codes(self.model, both, hidden, 1, guidance_scale, temperature, top_k, None, gen,
                                  _tick(None, bar))
-            kept = both.select([0]) if both is not cache else cache
-            out = commit_image(self.model, kept, codes=codes[:, -1:])
+            out = commit_image(self.model, cache, codes=codes[:, -1:])
             pixels = decode_image(self.model, self.codec, codes=codes)
         else:
             x = denoise(self.model, both, 1, self.scheduler, num_steps, guidance_scale, gen, _tick(None, bar))
-            kept = both.select([0]) if both is not cache else cache
-            out = commit_image(self.model, kept, tokens=x)
+            out = commit_image(self.model, cache, tokens=x)
             pixels = decode_image(self.model, self.codec, tokens=x)
         bar.close()
-        _adopt(cache, kept)
         return _to_pil(pixels)[0], out.logits
 
     # ---------------------------------------------------------------- info
@@ -530,12 +527,6 @@ def _find_stop(text: str, stop: Sequence[str]) -> int | None:
 def _to_pil(pixels: Tensor) -> list[Image.Image]:
     arr = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
-
-
-def _adopt(cache, other) -> None:
-    """Make ``cache`` hold ``other``'s state (the caller keeps its reference to ``cache``)."""
-    if cache is not other:
-        cache.__dict__.update(other.__dict__)
 
 
 class _NoBar:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from encoders.latents import unpatchify
-from hybrid.cache import KVCache
+from hybrid.cache import CacheGroups, KVCache
 from hybrid.config import HybridConfig
 from hybrid.masks import cached_mask
 from hybrid.model import HybridOutput
@@ -99,22 +99,39 @@ def guide(out: Tensor, n: int, guidance_scale: float) -> Tensor:
 
 # --- running chunks against the cache ---------------------------------------------------------
 
-def run_chunk(model: nn.Module, cache: KVCache, input_ids: Tensor, keep: bool, valid: Tensor | None = None,
-              span_ids: Tensor | None = None, logits_last: bool = True, **inputs) -> HybridOutput:
+def run_chunk(model: nn.Module, cache: KVCache | CacheGroups, input_ids: Tensor, keep: bool,
+              valid: Tensor | None = None, span_ids: Tensor | None = None, logits_last: bool = True,
+              **inputs) -> HybridOutput:
     """Run (B, n) new tokens after the cached ones. ``valid`` (B, n) False marks left padding;
     ``span_ids`` (B, n) >= 0 marks a bidirectional span inside the chunk; ``inputs`` are the
     model's image arguments with indices relative to the chunk. ``keep`` commits the chunk.
     Text logits are computed at the chunk's last position only (``logits_last``), (B, V)."""
     B, n = input_ids.shape
     device = input_ids.device
-    valid = torch.ones(B, n, dtype=torch.bool, device=device) if valid is None else valid
-    span_ids = torch.full((B, n), -1, dtype=torch.long, device=device) if span_ids is None else span_ids
-    document_ids = torch.where(valid, 0, -1)
-    mask = cached_mask(cache.valid[:, :cache.length], document_ids, span_ids)
-    # real tokens continue each row's positions; padding gets any position (it is masked)
-    positions = cache.next_pos[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
+    # Nothing to hide (no padding anywhere, and one token or one bidirectional span): no mask,
+    # which lets SDPA take its unmasked kernel and spares building one per decoded token.
+    open_chunk = valid is None and (n == 1 or (span_ids is not None and bool((span_ids == span_ids[0, 0]).all())
+                                               and int(span_ids[0, 0]) >= 0))
+    masks = []
+    if not open_chunk:
+        valid = torch.ones(B, n, dtype=torch.bool, device=device) if valid is None else valid
+        span_ids = torch.full((B, n), -1, dtype=torch.long, device=device) if span_ids is None else span_ids
+        document_ids = torch.where(valid, 0, -1)
+    for part, r in zip(cache.parts, cache.rows):
+        if open_chunk and not part.padded:
+            masks.append(None)
+        elif open_chunk:  # a padded cache: hide its padding from every query of the chunk
+            past = part.valid[:, None, None, :part.length].expand(-1, 1, n, -1)  # (b, 1, n, L)
+            masks.append(torch.cat([past, past.new_ones(part.batch, 1, n, n)], -1))
+        else:
+            masks.append(cached_mask(part.valid[:, :part.length], document_ids[r], span_ids[r]))
+    if valid is None:
+        positions = cache.next_pos[:, None] + torch.arange(n, device=device)
+        valid = torch.ones(B, n, dtype=torch.bool, device=device) if keep else None
+    else:  # real tokens continue each row's positions; padding gets any position (it is masked)
+        positions = cache.next_pos[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
     last = torch.arange(B, device=device) * n + n - 1
-    out = model(input_ids, positions, mask, cache=cache,
+    out = model(input_ids, positions, masks if len(masks) > 1 else masks[0], cache=cache,
                 logits_index=last if logits_last else last[:0], **inputs)
     if keep:
         cache.commit(valid)
@@ -149,20 +166,19 @@ def prefill(model: nn.Module, rows: Sequence[TokenizedSample], und_encoder: Call
 
 # --- images -----------------------------------------------------------------------------------
 
-def with_uncond_rows(model: nn.Module, cache: KVCache, last_hidden: Tensor, room: int) -> tuple[KVCache, Tensor]:
-    """Stack the unconditional branch under a cache of n conditional rows that end with
-    ``<boi>``: n ``<bos><boi>`` rows. The row is computed once (two tokens, not a copy of the
-    padded prompt length) and repeated. Returns the 2n-row cache (``room`` free slots) and the
-    (2n, D) hidden states at ``<boi>``."""
+def with_uncond_rows(model: nn.Module, cache: KVCache, last_hidden: Tensor, room: int) -> tuple[CacheGroups, Tensor]:
+    """Add the unconditional branch to a cache of n conditional rows that end with ``<boi>``:
+    n ``<bos><boi>`` rows, computed once (two tokens) and repeated, in a part of their own so
+    they attend to two cached tokens, not to the prompt's length of padding. Returns the 2n-row
+    group (rows [cond; uncond]) and the (2n, D) hidden states at ``<boi>``."""
     cfg: HybridConfig = model.config
     n = cache.batch
-    uncond, out = prefill(model, [TokenizedSample([cfg.bos_id, cfg.boi_id], [IGNORE] * 2, [], [])])
-    both = KVCache.stack([cache, uncond.select([0] * n)], room=room)
-    return both, torch.cat([last_hidden, out.hidden[:, -1].expand(n, -1)])
+    uncond, out = prefill(model, [TokenizedSample([cfg.bos_id, cfg.boi_id], [IGNORE] * 2, [], [])], capacity=2 + room)
+    return CacheGroups([cache, uncond.select([0] * n)]), torch.cat([last_hidden, out.hidden[:, -1].expand(n, -1)])
 
 
 def image_prefix(model: nn.Module, rows: Sequence[TokenizedSample], use_cfg: bool,
-                 und_encoder: Callable[[Tensor], Tensor] | None = None) -> tuple[KVCache, Tensor]:
+                 und_encoder: Callable[[Tensor], Tensor] | None = None) -> tuple[KVCache | CacheGroups, Tensor]:
     """The cache an image is generated against: ``rows`` (each ending with ``<boi>``), then for
     CFG the unconditional rows. Returns the cache and the hidden states at ``<boi>`` (B, D)."""
     room = model.config.image_tokens + 1
@@ -173,7 +189,7 @@ def image_prefix(model: nn.Module, rows: Sequence[TokenizedSample], use_cfg: boo
 
 
 @torch.no_grad()
-def denoise(model: nn.Module, cache: KVCache, n: int, scheduler: Scheduler, num_steps: int,
+def denoise(model: nn.Module, cache: KVCache | CacheGroups, n: int, scheduler: Scheduler, num_steps: int,
             guidance_scale: float, generator: Generators = None,
             callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None) -> Tensor:
     """The denoising loop against a cache whose rows end with ``<boi>`` (n rows, or 2n with the
@@ -181,7 +197,7 @@ def denoise(model: nn.Module, cache: KVCache, n: int, scheduler: Scheduler, num_
     sees every step's input and the raw (B, N, P) prediction of all rows."""
     cfg: HybridConfig = model.config
     B, N = cache.batch, cfg.image_tokens
-    device = cache.valid.device
+    device = cache.device
     ids = torch.full((B, N), cfg.img_id, dtype=torch.long, device=device)
     span = torch.zeros(B, N, dtype=torch.long, device=device) if GEN in bidirectional_kinds(cfg) else None
     index = torch.arange(B * N, device=device).view(B, N)
@@ -199,7 +215,7 @@ def denoise(model: nn.Module, cache: KVCache, n: int, scheduler: Scheduler, num_
 
 
 @torch.no_grad()
-def sample_codes(model: nn.Module, cache: KVCache, boi_hidden: Tensor, n: int, guidance_scale: float,
+def sample_codes(model: nn.Module, cache: KVCache | CacheGroups, boi_hidden: Tensor, n: int, guidance_scale: float,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: Generators = None,
                  callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
@@ -211,7 +227,7 @@ def sample_codes(model: nn.Module, cache: KVCache, boi_hidden: Tensor, n: int, g
         raise ValueError(f"temperature must be > 0 for code sampling, got {temperature}")
     cfg: HybridConfig = model.config
     B, N = cache.batch, cfg.image_tokens
-    device = cache.valid.device
+    device = cache.device
     ids = torch.full((B, 1), cfg.img_id, dtype=torch.long, device=device)
     index = torch.arange(B, device=device)[:, None]
     codes = torch.zeros(n, N, dtype=torch.long, device=device)
@@ -234,7 +250,7 @@ def commit_image(model: nn.Module, cache: KVCache, tokens: Tensor | None = None,
     cache does not hold yet (B, k) for the "ar" head (``sample_codes`` left the last one out).
     Returns the output whose logits (B, V) are at ``<eoi>``: the first token after the image."""
     cfg: HybridConfig = model.config
-    device = cache.valid.device
+    device = cache.device
     B = cache.batch
     k = tokens.shape[1] if tokens is not None else codes.shape[1]
     ids = torch.full((B, k + 1), cfg.img_id, dtype=torch.long, device=device)
