@@ -197,20 +197,10 @@ def output_paths(output: str, n: int) -> list[Path]:
 def cmd_generate(args: argparse.Namespace) -> int:
     paths = output_paths(args.output, args.num_images)
     pipe = load(args)
-    callback, bar = None, None
-    if pipe.config.image_head == "ar":  # the pipeline draws a bar for denoising steps only; count codes here
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=pipe.config.image_tokens, desc="image tokens", leave=False)
-        callback = lambda i, logits: bar.update(1)
-    try:
-        result = pipe.generate_image(args.prompt, num_images=args.num_images, num_steps=args.steps,
-                                     guidance_scale=args.cfg, scheduler=args.scheduler, seed=_seed(args.seed),
-                                     images=args.image, temperature=args.temperature, top_k=args.top_k,
-                                     callback=callback, progress=True)
-    finally:
-        if bar is not None:
-            bar.close()
+    result = pipe.generate_image(args.prompt, num_images=args.num_images, num_steps=args.steps,
+                                 guidance_scale=args.cfg, scheduler=args.scheduler, seed=_seed(args.seed),
+                                 images=args.image, temperature=args.temperature, top_k=args.top_k,
+                                 progress=True)  # a bar over denoising steps, or over the "ar" head's codes
     for image, path in zip(result.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)

@@ -89,6 +89,14 @@ class RotaryEmbedding(nn.Module):
             inv_freq = scaled_inv_freq(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(bfloat16) must not round the frequencies: bf16 angles drift by radians at long
+        # positions (Hugging Face keeps them fp32 too). Follow device moves, keep fp32.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(B, T) positions -> cos and sign-folded sin (see ``apply_rope``), each (B, 1, T, hd)."""
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from encoders.latents import PixelCodec
@@ -47,7 +47,7 @@ SCHEDULER_FILE = "scheduler.json"
 ImageLike = Image.Image | str | Path | Tensor
 Seed = int | Sequence[int] | None
 # Modes PIL converts to RGB without guessing: palette, grey, alpha (composited on white), CMYK.
-SAFE_MODES = ("RGB", "RGBA", "RGBa", "L", "LA", "La", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV")
+SAFE_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV")
 
 
 @dataclass
@@ -153,8 +153,6 @@ class HybridPipeline:
         for role, want in (("<boi>", c.boi_id), ("<eoi>", c.eoi_id), ("<img>", c.img_id)):
             if role in vocab and vocab[role] != want:
                 bad.append(f"tokenizer's {role} is id {vocab[role]}, the model config says {want}")
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id != c.eos_id:
-            bad.append(f"tokenizer's eos is id {self.tokenizer.eos_token_id}, the model config says {c.eos_id}")
         if c.image_codec == "vq":
             if self.vq is None:
                 bad.append("the model generates VQ latents (image_codec='vq') but no vq tokenizer is set")
@@ -193,15 +191,16 @@ class HybridPipeline:
             try:
                 with Image.open(p) as im:
                     im.load()
-                    image = im.copy()
+                    image = ImageOps.exif_transpose(im)  # as a viewer shows it (camera orientation)
             except (UnidentifiedImageError, OSError) as e:
                 raise ValueError(f"{p} is not a readable image ({e})") from e
         if isinstance(image, Tensor):
             if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
                 raise ValueError(f"an image tensor must be float (3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}")
-            if image.min() < 0 or image.max() > 1:
-                raise ValueError("an image tensor must hold values in [0, 1]")
-            image = Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+            image = image.detach().float().cpu()
+            if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+                raise ValueError("an image tensor must hold finite values in [0, 1]")
+            image = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected an image path, PIL image or tensor, got {type(image).__name__}")
         if image.width == 0 or image.height == 0:
@@ -209,7 +208,7 @@ class HybridPipeline:
         if image.mode not in SAFE_MODES:
             raise ValueError(f"image mode {image.mode!r} (e.g. 16-bit or float) has no safe conversion to RGB; "
                              f"convert it to 8-bit RGB first")
-        if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (image.mode == "P" and "transparency" in image.info):
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(bg, rgba)
@@ -286,7 +285,7 @@ class HybridPipeline:
         self.check()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self._check_fits(rows, 1, "the first new token")
+        self._check_fits(rows, 0, "new tokens")  # a full context still yields one token
         c, B = self.config, len(rows)
         capacity = min(c.max_seq_len, max(len(r) for r in rows) + max_new_tokens)
         cache, out = prefill(self.model, rows, self._und_encoder(), capacity)
@@ -299,20 +298,21 @@ class HybridPipeline:
         # a stop string may be arriving: hold back as many characters as could start one, so
         # nothing yielded is later cut (the hold is released when the row ends)
         hold = max((len(s) for s in stop), default=1) - 1
+        ends = self._end_ids()
+        banned = self._not_text_ids() + [c.boi_id]  # text only: this API draws no images
         for step in range(max_new_tokens):
             last = step == max_new_tokens - 1 or cache.length + 1 > c.max_seq_len
             if scores is not None:
                 scores.append(logits.float().cpu())
-            if ignore_eos:
-                logits = logits.clone()
-                logits[:, c.eos_id] = float("-inf")
+            logits = logits.clone()
+            logits[:, banned + (ends if ignore_eos else [])] = float("-inf")
             tok = sample_token(logits, temperature, top_k, top_p, gens)  # (B,)
             deltas = [""] * B
             for b, t in enumerate(tok.tolist()):
                 if reasons[b] is not None:
                     continue
                 ids[b].append(t)
-                if t == c.eos_id:
+                if t in ends:
                     reasons[b], text = "eos", self._decode(ids[b][:-1])
                 else:
                     text = self._decode(ids[b])
@@ -322,7 +322,7 @@ class HybridPipeline:
                     elif not last:
                         if text.endswith("\ufffd"):
                             continue  # a multi-byte character is not complete yet
-                        text = text[:len(text) - hold]
+                        text = text[:max(0, len(text) - hold)]
                 if len(text) > len(shown[b]):
                     deltas[b], shown[b] = text[len(shown[b]):], text
             yield deltas
@@ -345,6 +345,17 @@ class HybridPipeline:
                 next(it)
             except StopIteration as done:
                 return done.value
+
+    def _end_ids(self) -> list[int]:
+        """The config's eos and the tokenizer's, if they differ (Llama 3 Instruct ends turns with
+        <|eot_id|>, while its config names <|end_of_text|>)."""
+        tok_eos = self.tokenizer.eos_token_id
+        return sorted({self.config.eos_id} | ({tok_eos} if tok_eos is not None else set()))
+
+    def _not_text_ids(self) -> list[int]:
+        """Ids the model must not write as text: padding, the image placeholder, an image end."""
+        c = self.config
+        return sorted({c.pad_id, c.img_id, c.eoi_id} - set(self._end_ids()))
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -422,26 +433,26 @@ class HybridPipeline:
                              progress: bool = False) -> InterleavedGeneration:
         """Write text; when the model emits ``<boi>``, generate the image in place (with CFG
         against a ``<bos><boi>`` row), append the clean image and ``<eoi>`` to the cache, and go
-        on writing. Returns the text pieces and images in order. ``max_new_tokens`` counts text
-        tokens; after ``max_images`` images a further ``<boi>`` is not allowed. ``seed`` seeds the
+        on writing. Returns the text pieces and images in order. ``max_new_tokens`` counts the
+        tokens the model writes (text and each ``<boi>``); after ``max_images`` images a further ``<boi>`` is not allowed. ``seed`` seeds the
         text; image k is drawn with ``seed + 1 + k``. ``progress`` shows a bar per image."""
         c = self.config
         row = self._prompt_row(prompt, images)
         self.check()
-        self._check_fits([row], 1, "the first new token")
+        self._check_fits([row], 0, "new tokens")
         cache, out = prefill(self.model, [row], self._und_encoder(),
-                             len(row) + max_new_tokens + max_images * (c.image_tokens + 2))
+                             min(c.max_seq_len, len(row) + max_new_tokens + max_images * (c.image_tokens + 2)))
+        ends, banned = self._end_ids(), self._not_text_ids()
         logits = out.logits
         gen = self._generators(seed, 1)
         result = InterleavedGeneration()
         text: list[int] = []
         n_images = 0
         for _ in range(max_new_tokens):
-            if n_images >= max_images:
-                logits = logits.clone()
-                logits[:, c.boi_id] = float("-inf")
+            logits = logits.clone()
+            logits[:, banned + ([c.boi_id] if n_images >= max_images else [])] = float("-inf")
             tok = int(sample_token(logits, temperature, top_k, top_p, gen)[0])
-            if tok == c.eos_id:
+            if tok in ends:
                 result.finish_reason = "eos"
                 break
             if tok != c.boi_id:

@@ -219,6 +219,14 @@ def test_streaming_yields_the_generated_text_piece_by_piece(tokenizer):
     cut = pipe.generate_text("a photo of", stop=[stop], **kw)
     assert cut.finish_reasons == ["stop"] and "".join(p[0] for p in pieces) == cut.texts[0]
     assert cut.texts[0] == full.texts[0][: full.texts[0].index(stop)]
+    # a stop string at the very start: nothing may be shown, not even the part before the hold
+    for seed in range(6):
+        free = pipe.generate_text("a photo of", max_new_tokens=6, temperature=1.0, seed=seed)
+        stop = free.texts[0][:3]
+        if len(stop) < 3:
+            continue
+        pieces = list(pipe.stream_text("a photo of", stop=[stop], max_new_tokens=6, temperature=1.0, seed=seed))
+        assert "".join(p[0] for p in pieces) == "", (seed, stop, pieces)
 
 
 def test_stop_strings_and_eos_end_rows(tokenizer):
@@ -284,6 +292,21 @@ def test_images_are_converted_where_safe_and_refused_otherwise(tokenizer, tmp_pa
         pipe.load_image(tmp_path / "bad.png")
     with pytest.raises(ValueError, match="I;16"):
         pipe.load_image(Image.new("I;16", (32, 32)))
+    with pytest.raises(ValueError, match="'La'"):  # premultiplied alpha: no safe conversion in PIL
+        pipe.load_image(Image.new("La", (32, 32)))
+    assert torch.equal(pipe.load_image(photo(0).convert("RGBX")), rgb)
+    assert torch.equal(pipe.load_image(rgb.to(torch.bfloat16).float()), rgb)
+    assert pipe.load_image(rgb.to(torch.bfloat16)).shape == (3, 32, 32)
+    assert torch.equal(pipe.load_image(rgb.clone().requires_grad_()), rgb)
+    with pytest.raises(ValueError, match="finite"):
+        pipe.load_image(torch.full((3, 32, 32), float("nan")))
+    # a camera photo stored sideways with an EXIF orientation is read upright
+    tall = photo(3, size=(32, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    tall.save(tmp_path / "sideways.jpg", exif=exif, quality=100)
+    upright = pipe.load_image(Image.open(tmp_path / "sideways.jpg").transpose(Image.Transpose.ROTATE_270))
+    assert torch.equal(pipe.load_image(tmp_path / "sideways.jpg"), upright)
     with pytest.raises(ValueError, match="zero size"):
         pipe.load_image(Image.new("RGB", (0, 32)))
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
@@ -348,7 +371,33 @@ def test_bf16_pipeline_runs_and_keeps_sampling_state_in_fp32(tokenizer, head):
     ref = pipe.generate_text("a photo of", images=[photo(0)], max_new_tokens=1, output_scores=True)
     pipe.to(dtype=torch.bfloat16)
     assert next(pipe.model.parameters()).dtype == torch.bfloat16
+    assert pipe.model.rope.inv_freq.dtype == torch.float32  # bf16 angles would drift at long positions
     out = pipe.generate_image("a photo of a red circle", num_steps=2, seed=0, top_k=4, return_latents=True)
     assert out.pixels.dtype == torch.float32 and torch.isfinite(out.pixels).all()
     text = pipe.generate_text("a photo of", images=[photo(0)], max_new_tokens=1, output_scores=True)
     torch.testing.assert_close(text.scores[0], ref.scores[0], atol=0.1, rtol=0.05)
+
+
+def test_text_never_writes_markers_and_stops_on_either_eos(tokenizer):
+    """Padding, <img>, <eoi> and (in text-only generation) <boi> are never sampled as text,
+    however much the model prefers them; a tokenizer whose eos differs from the config's
+    (Llama 3 Instruct's <|eot_id|>) loads, and either id ends a row."""
+    import copy
+
+    pipe = make_pipe(tokenizer, with_siglip=False)
+    c = pipe.config
+    boost = torch.zeros(c.vocab_size)
+    hook = pipe.model.lm_head.register_forward_hook(lambda mod, args, out: out + boost)
+    boost[[c.pad_id, c.img_id, c.eoi_id, c.boi_id]] = 30.0
+    out = pipe.generate_text(["a photo of", "two"], max_new_tokens=8, temperature=1.0, seed=0)
+    assert not {c.pad_id, c.img_id, c.eoi_id, c.boi_id} & {t for row in out.token_ids for t in row}
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = tok.convert_ids_to_tokens(100)  # a second end id, as a chat tokenizer's end-of-turn
+    other = tok.eos_token_id
+    assert other == 100 != c.eos_id
+    pipe = HybridPipeline(pipe.model, tok, vq=pipe.vq)
+    boost.zero_()
+    boost[other] = 30.0
+    out = pipe.generate_text("a photo of", max_new_tokens=8)
+    assert out.finish_reasons == ["eos"] and out.token_ids == [[other]] and out.texts == [""]
+    hook.remove()
