@@ -161,10 +161,18 @@ def main(argv: list[str] | None = None) -> dict:
     deep_text = lambda: deep.generate_text(p16, max_new_tokens=w["text_new_tokens"], temperature=1.0, seed=0,
                                            ignore_eos=True)
     deep_image(), deep_text()
-    times = {k: [] for k in ("ours_image", "peer_image", "ours_text", "peer_text", "deep_image", "deep_text")}
+    # pipe.compile(): the same weights under torch.compile (first call compiles, ~1 min; excluded)
+    compiled = build_ours().compile()
+    compiled_text = lambda: compiled.generate_text(p16, max_new_tokens=w["text_new_tokens"], temperature=1.0,
+                                                   seed=0, ignore_eos=True)
+    t_compile = timed(compiled_text)
+    assert compiled_text().token_ids == out.token_ids  # same weights, same seed: same tokens
+    times = {k: [] for k in ("ours_image", "peer_image", "ours_text", "peer_text", "deep_image", "deep_text",
+                             "compiled_text")}
     for r in range(reps):  # interleaved A/B, alternating who goes first
         pairs = [("ours_image", lambda: image(p16)), ("peer_image", peer_img)]
-        pairs += [("ours_text", ours_text), ("peer_text", peer_txt)] * 3  # text runs are short: more of them
+        pairs += [("ours_text", ours_text), ("peer_text", peer_txt), ("compiled_text", compiled_text),
+                  ("peer_text", peer_txt)] * 2  # text runs are short: more of them
         if r % 2:
             pairs = [p for i in range(0, len(pairs), 2) for p in (pairs[i + 1], pairs[i])]
         pairs += [("deep_image", deep_image), ("deep_text", deep_text)]
@@ -179,7 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
         "median_s": med, "all_s": times,
         "image_speedup": med["peer_image"] / med["ours_image"],
         "text_speedup": med["peer_text"] / med["ours_text"],
-        "pair_text_ratios": [p / o for p, o in zip(times["peer_text"], times["ours_text"])],
+        "pair_text_ratios": [p / o for p, o in zip(times["peer_text"][0::2], times["ours_text"])],
+        "compiled_text_speedup": med["peer_text"] / med["compiled_text"],
+        "compile_first_call_s": t_compile,
         "pair_image_ratios": [p / o for p, o in zip(times["peer_image"], times["ours_image"])],
         "deep_image_speedup": med["peer_image"] / med["deep_image"],
         "deep_text_speedup": med["peer_text"] / med["deep_text"],
@@ -230,6 +240,11 @@ def report(r: dict) -> str:
         f"{v['deep_image_speedup']:.2f}x |",
         f"| text, 64 new tokens after 16 | {v['median_s']['ours_text']:.3f} | {v['median_s']['peer_text']:.3f} | "
         f"**{v['text_speedup']:.2f}x** | {v['median_s']['deep_text']:.3f} | {v['deep_text_speedup']:.2f}x |",
+        f"| text, as above, `pipe.compile()` | {v['median_s']['compiled_text']:.3f} | {v['median_s']['peer_text']:.3f} | "
+        f"**{v['compiled_text_speedup']:.2f}x** | | |",
+        "",
+        f"`pipe.compile()`'s first call compiled for {v['compile_first_call_s']:.0f} s (excluded above; "
+        "every later call reuses it).",
         "",
         f"Per interleaved pair, peer / ours ranged {min(v['pair_text_ratios']):.2f}-{max(v['pair_text_ratios']):.2f}x "
         f"for text and {min(v['pair_image_ratios']):.2f}-{max(v['pair_image_ratios']):.2f}x for images.",

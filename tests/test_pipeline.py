@@ -401,3 +401,14 @@ def test_text_never_writes_markers_and_stops_on_either_eos(tokenizer):
     out = pipe.generate_text("a photo of", max_new_tokens=8)
     assert out.finish_reasons == ["eos"] and out.token_ids == [[other]] and out.texts == [""]
     hook.remove()
+
+
+def test_compiled_decoding_equals_eager(tokenizer):
+    """pipe.compile() (torch.compile, dynamic shapes) changes speed, not results."""
+    pipe = make_pipe(tokenizer, with_siglip=False)
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=0, output_scores=True)
+    eager = pipe.generate_text(["a photo of", "two"], **kw)
+    compiled = pipe.compile().generate_text(["a photo of", "two"], **kw)
+    assert compiled.token_ids == eager.token_ids
+    for a, b in zip(compiled.scores, eager.scores):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
