@@ -392,7 +392,7 @@ class HybridPipeline:
         self.check()
         c, n = self.config, len(rows)
         self._check_fits(rows, c.image_tokens, "the image")
-        sched = self._scheduler(scheduler)
+        sched = self.resolve_scheduler(scheduler)
         gens = self._generators(seed, n)
         use_cfg = guidance_scale != 1.0
         cache, boi_hidden = image_prefix(self.model, rows, use_cfg, self._und_encoder())
@@ -416,7 +416,10 @@ class HybridPipeline:
             codes = codes.view(n, side, side)
         return ImageGeneration(_to_pil(pixels), pixels.float().cpu(), latents, codes)
 
-    def _scheduler(self, scheduler: str | Scheduler | None) -> Scheduler | None:
+    def resolve_scheduler(self, scheduler: str | Scheduler | None = None) -> Scheduler | None:
+        """The scheduler generate_image(scheduler=...) would run: the pipeline's own for None, a fresh
+        one for a name; checked against the prediction type the model was trained with. None for
+        the "ar" head, which samples codes."""
         if self.config.image_head == "ar":
             return None
         if scheduler is None:
