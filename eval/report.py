@@ -1,0 +1,273 @@
+"""One report over evaluation runs: score tables and image grids, as Markdown and HTML.
+
+    python -m eval.report runs/geneval/tiny_vq_heldout runs/mmbench/tiny_und --out runs/report
+    # -> runs/report/report.md (any Markdown viewer) and runs/report/report.html (any browser),
+    #    grids in runs/report/grids/
+
+Each argument is an output folder of ``python -m eval.geneval generate`` (scored with
+``eval.geneval score``; an unscored shapes-world folder is scored here) or of
+``python -m eval.mmbench run``. Several runs of one kind get one comparison table (a column per
+run), then per-run details: for GenEval a grid of a few prompts per task (every sample of the
+prompt in a row, each marked right or wrong by the scorer, with its reason); for MMBench the
+vanilla and circular accuracy per category and the unparsed answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+
+@dataclass
+class Section:
+    title: str
+    lines: list[str] = field(default_factory=list)  # Markdown
+
+
+def kind_of(run: Path) -> str:
+    if (run / "predictions.jsonl").is_file():
+        return "mmbench"
+    if any(run.glob("*/metadata.jsonl")):
+        return "geneval"
+    raise ValueError(f"{run} is neither a GenEval output folder (*/metadata.jsonl) nor an MMBench one "
+                     f"(predictions.jsonl)")
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+# ---------------------------------------------------------------- GenEval
+
+def geneval_summary(run: Path) -> tuple[dict | None, list[dict]]:
+    """(summary, results) of a GenEval folder, scoring a shapes-world folder that has none yet.
+    COCO folders without the official evaluator's results give (None, [])."""
+    from eval.geneval import NeedsOfficialEvaluator, score_folder
+
+    if not (run / "summary.json").is_file() or not (run / "results.jsonl").is_file():
+        try:
+            score_folder(run, log=lambda s: None)
+        except NeedsOfficialEvaluator:  # classes the shapes detector does not know (COCO)
+            return None, []
+    results = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
+    return json.loads((run / "summary.json").read_text()), results
+
+
+def geneval_grid(run: Path, results: list[dict], tag: str, k: int, dest: Path, scale: int = 3) -> tuple[Path, list[str]]:
+    """A grid of the first ``k`` prompts of ``tag``: one row per prompt, its samples side by side
+    with a green (right) or red (wrong) frame. Returns the file and one caption per row."""
+    by_folder: dict[Path, list[dict]] = {}
+    for r in results:
+        if r["tag"] == tag:
+            by_folder.setdefault(Path(r["filename"]).parent.parent, []).append(r)
+    folders = sorted(by_folder)[:k]
+    rows = [sorted(by_folder[f], key=lambda r: r["filename"]) for f in folders]
+    images = [[Image.open(_resolve(run, r["filename"])).convert("RGB") for r in row] for row in rows]
+    w, h = images[0][0].size
+    cell_w, cell_h, pad = w * scale + 4, h * scale + 4, 2
+    cols = max(len(r) for r in images)
+    grid = Image.new("RGB", (cols * (cell_w + pad) + pad, len(images) * (cell_h + pad) + pad), (30, 30, 30))
+    draw = ImageDraw.Draw(grid)
+    for i, (row, imgs) in enumerate(zip(rows, images)):
+        for j, (r, im) in enumerate(zip(row, imgs)):
+            x, y = pad + j * (cell_w + pad), pad + i * (cell_h + pad)
+            draw.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=(40, 170, 60) if r["correct"] else (200, 50, 50))
+            grid.paste(im.resize((w * scale, h * scale), Image.NEAREST), (x + 2, y + 2))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(dest)
+    captions = [f"{row[0]['prompt']} ({sum(r['correct'] for r in row)}/{len(row)} right"
+                + (f"; e.g. {next(r['reason'] for r in row if not r['correct']).replace(chr(10), '; ')}"
+                   if not all(r["correct"] for r in row)
+                   else "") + ")" for row in rows]
+    return dest, captions
+
+
+def _resolve(run: Path, filename: str) -> Path:
+    p = Path(filename)
+    if p.is_file():
+        return p
+    parts = p.parts  # written on another machine: keep "<idx>/samples/<n>.png"
+    return run / Path(*parts[-3:])
+
+
+def geneval_sections(runs: list[Path], out: Path, k: int) -> list[Section]:
+    scored = {run: geneval_summary(run) for run in runs}
+    tasks: list[str] = []
+    for summary, _ in scored.values():
+        for t in (summary or {}).get("tasks", {}):
+            if t not in tasks:
+                tasks.append(t)
+    head = Section("GenEval", ["Per-task accuracy over images (%), overall = unweighted mean of the tasks "
+                               "(GenEval's summary_scores.py).", ""])
+    rows = [[t] + [pct(s["tasks"][t]["accuracy"]) if s and t in s["tasks"] else "-" for s, _ in scored.values()]
+            for t in tasks]
+    rows.append(["**overall**"] + [f"**{pct(s['overall'])}**" if s else "not scored" for s, _ in scored.values()])
+    rows.append(["images"] + [str(s["total_images"]) if s else "-" for s, _ in scored.values()])
+    head.lines += table(["task"] + [r.name for r in runs], rows)
+    sections = [head]
+    for run, (summary, results) in scored.items():
+        sec = Section(f"GenEval: {run.name}", [f"`{run}`", ""])
+        settings = _settings(run)
+        if settings:
+            sec.lines += [f"Settings: {settings}", ""]
+        if summary is None:
+            sec.lines.append("Not scored: the metadata names classes the shapes detector does not know; score "
+                             "it with GenEval's official evaluator (see `python -m eval.geneval --help`).")
+            sections.append(sec)
+            continue
+        for tag in summary["tasks"]:
+            path, captions = geneval_grid(run, results, tag, k, out / "grids" / f"{run.name}_{tag}.png")
+            sec.lines += [f"**{tag}**: {pct(summary['tasks'][tag]['accuracy'])}%", "",
+                          f"![{tag}]({path.relative_to(out).as_posix()})", ""]
+            sec.lines += [f"{i + 1}. {' '.join(c.split())}" for i, c in enumerate(captions)] + [""]
+        sections.append(sec)
+    return sections
+
+
+def _settings(run: Path) -> str:
+    f = run / "run.json"
+    if not f.is_file():
+        return ""
+    s = json.loads(f.read_text())
+    s = s.get("settings", s)
+    keep = ("n_samples", "steps", "guidance_scale", "cfg", "seed", "dtype", "template", "max_new_tokens")
+    return ", ".join(f"{k}={s[k]}" for k in keep if k in s)
+
+
+# ---------------------------------------------------------------- MMBench
+
+def mmbench_sections(runs: list[Path]) -> list[Section]:
+    from eval.mmbench import write_summary
+
+    summaries = {}
+    for run in runs:
+        summaries[run] = (json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file()
+                          else write_summary(run))
+    head = Section("MMBench", ["Accuracy (%): vanilla (rotation 0 alone) / CircularEval (every rotation "
+                               "right).", ""])
+    cats: list[str] = []
+    for s in summaries.values():
+        cats += [c for c in s.get("category", {}) if c not in cats]
+
+    def cell(d: dict | None) -> str:
+        return "-" if not d or not d.get("n") else f"{pct(d['vanilla'])} / {pct(d['circular'])}"
+
+    rows = [["**overall**"] + [f"**{cell(s['overall'])}**" for s in summaries.values()]]
+    rows += [[c] + [cell(s.get("category", {}).get(c)) for s in summaries.values()] for c in cats]
+    rows.append(["questions"] + [str(s["overall"].get("n", 0)) for s in summaries.values()])
+    head.lines += table(["category"] + [r.name for r in runs], rows)
+    sections = [head]
+    for run, s in summaries.items():
+        sec = Section(f"MMBench: {run.name}", [f"`{run}`", ""])
+        settings = _settings(run)
+        if settings:
+            sec.lines += [f"Settings: {settings}", ""]
+        l2 = s.get("l2-category", {})
+        if l2:
+            sec.lines += table(["l2-category", "n", "vanilla", "circular"],
+                               [[k, str(v["n"]), pct(v["vanilla"]), pct(v["circular"])] for k, v in l2.items()]) + [""]
+        unparsed = s.get("unparsed", [])
+        sec.lines.append(f"Unparsed answers: {len(unparsed)} of {s.get('rows', '?')} rows (counted wrong).")
+        sections.append(sec)
+    return sections
+
+
+# ---------------------------------------------------------------- output
+
+def to_markdown(sections: list[Section], title: str) -> str:
+    out = [f"# {title}", ""]
+    for s in sections:
+        out += [f"## {s.title}", "", *s.lines, ""]
+    return "\n".join(out)
+
+
+def to_html(sections: list[Section], title: str) -> str:
+    """The same report for a browser: our Markdown subset (headings, tables, images, lists)."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for s in sections:
+        body.append(f"<h2>{html.escape(s.title)}</h2>")
+        in_table = False
+        for line in s.lines:
+            if line.startswith("|"):
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                if all(set(c) <= {"-"} for c in cells):
+                    continue
+                if not in_table:
+                    body.append("<table>")
+                    in_table, tag = True, "th"
+                else:
+                    tag = "td"
+                body.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+                continue
+            if in_table:
+                body.append("</table>")
+                in_table = False
+            if line.startswith("!["):
+                alt, src = line[2:].split("](")
+                body.append(f'<p><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}"></p>')
+            elif line:
+                body.append(f"<p>{_inline(line)}</p>")
+        if in_table:
+            body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+             "img{image-rendering:pixelated}")
+    return f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style>\n" + \
+        "\n".join(body) + "\n"
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    parts = text.split("**")
+    text = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+    parts = text.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def build_report(runs: list[Path], out: Path, prompts_per_task: int = 3, title: str = "hybrid evaluation") -> Path:
+    runs = [Path(r) for r in runs]
+    missing = [r for r in runs if not r.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"no such run folder: {', '.join(map(str, missing))}")
+    kinds = {r: kind_of(r) for r in runs}
+    out.mkdir(parents=True, exist_ok=True)
+    sections = []
+    gen = [r for r in runs if kinds[r] == "geneval"]
+    mmb = [r for r in runs if kinds[r] == "mmbench"]
+    if gen:
+        sections += geneval_sections(gen, out, prompts_per_task)
+    if mmb:
+        sections += mmbench_sections(mmb)
+    (out / "report.md").write_text(to_markdown(sections, title))
+    (out / "report.html").write_text(to_html(sections, title))
+    return out / "report.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="eval.geneval / eval.mmbench output folders")
+    ap.add_argument("--out", type=Path, default=Path("report"), help="report folder (default: ./report)")
+    ap.add_argument("--prompts-per-task", type=int, default=3)
+    ap.add_argument("--title", default="hybrid evaluation")
+    a = ap.parse_args(argv)
+    try:
+        path = build_report(a.runs, a.out, a.prompts_per_task, a.title)
+    except (FileNotFoundError, ValueError) as e:
+        ap.exit(2, f"eval.report: error: {e}\n")
+    print(f"wrote {path} and {path.with_suffix('.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
