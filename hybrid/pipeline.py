@@ -232,9 +232,11 @@ class HybridPipeline:
         arr = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3)
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, S, S)
 
-    def _prompt_row(self, prompt: str | Sequence, images: Sequence[ImageLike] = (), image_next: bool = False) -> TokenizedSample:
-        """``<bos> [input images] prompt`` (+ ``<boi>`` when an image follows). ``prompt`` may also be
-        a segment list (str / TextSegment / ImageSegment(role="und")) for full control of the order."""
+    def prompt_row(self, prompt: str | Sequence, images: Sequence[ImageLike] = (), image_next: bool = False) -> TokenizedSample:
+        """The tokenized prompt every generate call starts from: ``<bos> [input images] prompt``
+        (+ ``<boi>`` when an image follows). ``prompt`` may also be a segment list (str /
+        TextSegment / ImageSegment(role="und")) for full control of the order; the generate
+        methods take such a list as one prompt only inside a batch list: ``[segments]``."""
         c = self.config
         if isinstance(prompt, str):
             segs = [ImageSegment(self.load_image(im), "und") for im in images] + ([prompt] if prompt else [])
@@ -290,7 +292,7 @@ class HybridPipeline:
         if not prompts:
             raise ValueError("no prompts given")
         per_prompt = _images_per_prompt(images, len(prompts))
-        rows = [self._prompt_row(p, im) for p, im in zip(prompts, per_prompt)]
+        rows = [self.prompt_row(p, im) for p, im in zip(prompts, per_prompt)]
         self.check()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -308,7 +310,7 @@ class HybridPipeline:
         # nothing yielded is later cut (the hold is released when the row ends)
         hold = max((len(s) for s in stop), default=1) - 1
         ends = self._end_ids()
-        banned = self._not_text_ids() + [c.boi_id]  # text only: this API draws no images
+        banned = self.non_text_ids() + [c.boi_id]  # text only: this API draws no images
         for step in range(max_new_tokens):
             last = step == max_new_tokens - 1 or cache.length + 1 > c.max_seq_len
             if scores is not None:
@@ -345,8 +347,10 @@ class HybridPipeline:
                       max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                       top_p: float | None = None, stop: Sequence[str] = (), seed: Seed = None,
                       output_scores: bool = False, ignore_eos: bool = False) -> TextGeneration:
-        """Continue each prompt (batched, left-padded, KV-cached). ``images``: input images for a
-        single prompt, or one list per prompt. temperature 0 is greedy."""
+        """Continue each prompt (batched, left-padded, KV-cached). ``prompt``: a string, or a list
+        of prompts, each a string or a segment list (see ``prompt_row``; a single segment list
+        must be wrapped: ``[segments]``). ``images``: input images for a single string prompt, or
+        one list per prompt. temperature 0 is greedy."""
         it = self.stream_text(prompt, images, max_new_tokens, temperature, top_k, top_p, stop, seed, output_scores,
                               ignore_eos)
         while True:
@@ -361,7 +365,7 @@ class HybridPipeline:
         tok_eos = self.tokenizer.eos_token_id
         return sorted({self.config.eos_id} | ({tok_eos} if tok_eos is not None else set()))
 
-    def _not_text_ids(self) -> list[int]:
+    def non_text_ids(self) -> list[int]:
         """Ids the model must not write as text: padding, the image placeholder, an image end."""
         c = self.config
         return sorted({c.pad_id, c.img_id, c.eoi_id} - set(self._end_ids()))
@@ -388,7 +392,7 @@ class HybridPipeline:
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         per_prompt = _images_per_prompt(images, len(prompts))
-        rows = [self._prompt_row(p, im, image_next=True) for p, im in zip(prompts, per_prompt) for _ in range(num_images)]
+        rows = [self.prompt_row(p, im, image_next=True) for p, im in zip(prompts, per_prompt) for _ in range(num_images)]
         self.check()
         c, n = self.config, len(rows)
         self._check_fits(rows, c.image_tokens, "the image")
@@ -449,12 +453,12 @@ class HybridPipeline:
         tokens the model writes (text and each ``<boi>``); after ``max_images`` images a further ``<boi>`` is not allowed. ``seed`` seeds the
         text; image k is drawn with ``seed + 1 + k``. ``progress`` shows a bar per image."""
         c = self.config
-        row = self._prompt_row(prompt, images)
+        row = self.prompt_row(prompt, images)
         self.check()
         self._check_fits([row], 0, "new tokens")
         cache, out = prefill(self.model, [row], self._und_encoder(),
                              min(c.max_seq_len, len(row) + max_new_tokens + max_images * (c.image_tokens + 2)))
-        ends, banned = self._end_ids(), self._not_text_ids()
+        ends, banned = self._end_ids(), self.non_text_ids()
         logits = out.logits
         gen = self._generators(seed, 1)
         result = InterleavedGeneration()

@@ -407,7 +407,7 @@ def test_converted_janus_runs_in_the_pipeline_and_decodes_like_janus(janus_src, 
     arr = torch.randint(0, 256, (c.image_size, c.image_size, 3), generator=torch.Generator().manual_seed(2))
     image = Image.fromarray(arr.to(torch.uint8).numpy())
     out = pipe.generate_text("w1 w2 w3", images=[image], max_new_tokens=5, output_scores=True, ignore_eos=True)
-    row = pipe._prompt_row("w1 w2 w3", [image])
+    row = pipe.prompt_row("w1 w2 w3", [image])
     pixel_values = JanusImageProcessor.from_pretrained(str(src))(images=image, return_tensors="pt")["pixel_values"]
     for s, scores in enumerate(out.scores):
         ids = torch.tensor([row.input_ids + out.token_ids[0][:s]])

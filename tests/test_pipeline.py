@@ -78,7 +78,7 @@ def test_text_logits_at_every_step_equal_full_recompute(tokenizer, with_images):
     out = pipe.generate_text(prompts, images=images, max_new_tokens=6, temperature=1.0, seed=0, output_scores=True)
     assert len(out.scores) == 6
     for b, p in enumerate(prompts):
-        row = pipe._prompt_row(p, images[b] if with_images else ())
+        row = pipe.prompt_row(p, images[b] if with_images else ())
         for s in range(len(out.token_ids[b])):
             ref = full_text_logits(pipe, row, out.token_ids[b][:s])
             torch.testing.assert_close(out.scores[s][b], ref, atol=ATOL, rtol=0)
