@@ -65,7 +65,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_accum: int = 1
-    mixed_precision: str = "no"  # "no" (fp32: the CPU path), "bf16", "fp16" (GPUs)
+    # "no" (fp32: the CPU path), "bf16", "fp16" (GPUs); None: what the accelerate config / launcher
+    # says (train/accelerate/*.yaml), "no" when run without one
+    mixed_precision: str | None = None
 
     # logging, checkpoints, samples
     log_every: int = 10
@@ -88,8 +90,8 @@ class TrainConfig:
             problems.append(f"stage {self.stage!r} is not available yet (only 'hybrid')")
         if self.data != "shapes":
             problems.append(f"data {self.data!r} is not available yet (only 'shapes')")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            problems.append(f"mixed_precision must be no/bf16/fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            problems.append(f"mixed_precision must be no/bf16/fp16 (or unset), got {self.mixed_precision!r}")
         for name in ("steps", "batch_size", "log_every", "save_every", "sample_every", "grad_accum"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

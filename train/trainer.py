@@ -7,19 +7,28 @@ from ``vq_path``) and a frozen encoder stay outside. The model config takes its 
 codebook / feature sizes from these components. Run state (model, optimizer, LR schedule, RNG states)
 is saved with ``accelerator.save_state`` every ``save_every`` steps under
 ``<output_dir>/checkpoints/step_XXXXXXX`` and a restarted run resumes from the newest one.
+
+Hardware and distribution (CPU, DDP, DeepSpeed ZeRO-2/3 with or without offload, several
+machines) come from the accelerate config the run is launched with (train/accelerate/*.yaml),
+never from branches here: the loop only uses accelerate's API, which DeepSpeed implements
+(``backward`` steps its engine, ``save_state`` writes its sharded checkpoint). Its "auto" fields
+are filled from this config: micro batch (batch_size), accumulation (grad_accum), clipping
+(grad_clip), precision. Sampling runs on every process (under ZeRO-3 the forward gathers
+parameters collectively) and the export gathers the full state dict with ``get_state_dict``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from PIL import Image
 from safetensors.torch import load_model
@@ -198,6 +207,12 @@ def save_sample_grid(pixels: torch.Tensor, prompts: list[str], path: Path, scale
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) the hybrid stage. Returns the exported model folder."""
     out = Path(cfg.output_dir)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        # accelerate picks no process-group backend for DeepSpeed without a GPU, and then counts one
+        # process per rank: name the backend of DeepSpeed's CPU accelerator (gloo) first.
+        from deepspeed.accelerator import get_accelerator
+
+        PartialState(backend=get_accelerator().communication_backend_name())
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         # Some steps leave modules without gradient (no understanding image in a rank's batch ->
@@ -207,6 +222,9 @@ def train(cfg: TrainConfig) -> Path:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
     )
+    ds_plugin = accelerator.state.deepspeed_plugin  # set when the accelerate config selects DeepSpeed
+    if ds_plugin is not None:  # its engine clips inside backward: its "auto" clipping is ours, not 1.0
+        ds_plugin.fill_match("gradient_clipping", must_match=False, gradient_clipping=cfg.grad_clip)
     set_seed(cfg.seed)
     main = accelerator.is_main_process
     if main:
@@ -285,10 +303,11 @@ def train(cfg: TrainConfig) -> Path:
     if tuned is not None:
         tuned = accelerator.prepare(tuned)  # trained: wrapped, checkpointed and synchronised too
     accelerator.register_for_checkpointing(lr_sched)
-    # Diffusion timesteps and noise come from a generator reseeded from (seed, process, batch
-    # number) before every batch: a pure function of position in the run, so a resumed run on
-    # any number of processes draws exactly what the uninterrupted run drew. (torch's global
-    # RNG is no good here: every new DataLoader iterator draws from it.)
+    # Diffusion timesteps and noise come from a generator reseeded from (seed, global batch
+    # number) before every batch: a pure function of which data batch is trained on, so a resumed
+    # run draws exactly what the uninterrupted run drew, and N processes x 1 batch draw what 1
+    # process x N accumulated batches draws (accelerate gives process p batches p, p+N, ...).
+    # (torch's global RNG is no good here: every new DataLoader iterator draws from it.)
     noise_gen = torch.Generator(accelerator.device)
 
     step = resume_run(accelerator, out, cfg.resume, "model_config", mcfg.to_dict())
@@ -306,9 +325,7 @@ def train(cfg: TrainConfig) -> Path:
     def checkpoint(at: int) -> None:
         save_run(accelerator, out, at, "model_config", mcfg.to_dict(), cfg.keep_checkpoints)
 
-    def sample(at: int) -> None:
-        if not main:
-            return
+    def sample(at: int) -> None:  # on every process (ZeRO-3 gathers parameters collectively); main writes
         unwrapped.eval()
         if encoder is not None:
             encoder.eval()
@@ -318,17 +335,19 @@ def train(cfg: TrainConfig) -> Path:
                                  cfg.guidance_scale, generator=g, attn_impl=mcfg.attn_impl,
                                  temperature=cfg.temperature, top_k=cfg.top_k)
         path = out / "samples" / f"step_{at:07d}.png"
-        save_sample_grid(pixels, [f"[{r['split']}] {r['prompt']}" for r in prompts], path)
+        if main:
+            save_sample_grid(pixels, [f"[{r['split']}] {r['prompt']}" for r in prompts], path)
         scores = score_samples(pixels, prompts)
         if cfg.mix_understand > 0:
             for split in ("train", "heldout"):
                 acc = answer_accuracy(unwrapped, encoder, collate, world, split, cfg.und_eval)
                 scores[f"answer_accuracy_{split}"] = acc.pop("all")
                 scores.update({f"answer_accuracy_{split}/{k}": v for k, v in acc.items()})
-        accelerator.log(scores, step=at)
-        log_file.write(json.dumps({"step": at, **scores}) + "\n")
-        log_file.flush()
-        accelerator.print(f"step {at}: samples in {path}; " + ", ".join(f"{k}={v:.2f}" for k, v in scores.items()))
+        if main:
+            accelerator.log(scores, step=at)
+            log_file.write(json.dumps({"step": at, **scores}) + "\n")
+            log_file.flush()
+            accelerator.print(f"step {at}: samples in {path}; " + ", ".join(f"{k}={v:.2f}" for k, v in scores.items()))
         unwrapped.train()
         if encoder is not None:
             encoder.train()  # a frozen encoder stays in eval mode (SiglipEncoder.train)
@@ -339,12 +358,13 @@ def train(cfg: TrainConfig) -> Path:
     batches = accelerator.skip_first_batches(loader, step * cfg.grad_accum) if step else loader
     bar = tqdm(total=cfg.steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
+    step_losses = torch.zeros(3, device=accelerator.device)  # total, text, image summed over this step's micro-batches
     micro = step * cfg.grad_accum  # batches consumed so far on this process
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
     for batch in batches:
         if step >= end:
             break
-        noise_gen.manual_seed((cfg.seed * 1_000_003 + accelerator.process_index) * 1_000_003 + micro)
+        noise_gen.manual_seed(cfg.seed * 1_000_003**2 + micro * accelerator.num_processes + accelerator.process_index)
         with accelerator.accumulate(*(m for m in (model, tuned) if m is not None)):
             und = None
             if batch.und_images.shape[0]:
@@ -368,18 +388,23 @@ def train(cfg: TrainConfig) -> Path:
             optimizer.zero_grad(set_to_none=True)
         tokens_since += batch.num_tokens * accelerator.num_processes
         micro += 1
+        step_losses += torch.stack([loss.total, loss.text, loss.image]).detach().float()
         if not accelerator.sync_gradients:
             continue
         step += 1
+        # the logged losses are the step's: mean over micro-batches and processes (the same
+        # number for any split of the global batch into processes x accumulation)
+        logged, step_losses = step_losses / cfg.grad_accum, torch.zeros_like(step_losses)
         if step % cfg.log_every == 0 or step == cfg.steps:
+            total, text, image = accelerator.reduce(logged, "mean").tolist()
             now = time.perf_counter()
             rec = {
                 "step": step,
-                "loss": loss.total.item(),
-                "text_loss": loss.text.item(),
-                "image_loss": loss.image.item(),
+                "loss": total,
+                "text_loss": text,
+                "image_loss": image,
                 "lr": lr_sched.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if cfg.grad_clip > 0 else None,
+                "grad_norm": float(grad_norm) if cfg.grad_clip > 0 and grad_norm is not None else None,
                 "tokens_per_s": tokens_since / (now - t_last),
             }
             t_last, tokens_since = now, 0
@@ -406,10 +431,15 @@ def train(cfg: TrainConfig) -> Path:
         return out / "checkpoints" / f"step_{step:07d}"
     sample(step)
     final = out / "final"
+    # The full weights, gathered on the main process under ZeRO-3 (collective: every process
+    # calls it; needs zero3_save_16bit_model), the unwrapped model's own state dict otherwise.
+    weights = accelerator.get_state_dict(model)
     if main:
+        exported = HybridModel(mcfg)
+        exported.load_state_dict(weights)  # copies into fp32 parameters
         # the pipeline's layout: model + tokenizer + scheduler + vq/ + siglip/ (the fine-tuned
         # encoder if siglip_trainable), self-contained for HybridPipeline.from_pretrained
-        HybridPipeline(unwrapped, tokenizer, scheduler, codec if codec_name == "vq" else None, encoder
+        HybridPipeline(exported, tokenizer, scheduler, codec if codec_name == "vq" else None, encoder
                        ).save_pretrained(final)
         log_file.close()
     accelerator.wait_for_everyone()
