@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -291,8 +292,15 @@ class HybridModel(nn.Module):
         h = h.view(B, T, -1)  # (B, T, D)
 
         cos, sin = self.rope(position_ids, h.dtype)
+        # Activation checkpointing: keep only each block's input and recompute the block in backward
+        # (same gradients, less memory). Training only; a cached (generation) pass never needs it.
+        recompute = (self.config.activation_checkpointing and self.training and cache is None
+                     and torch.is_grad_enabled())
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, attn_mask, cache, i)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, None, i, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attn_mask, cache, i)
         hn = self.norm(h)
 
         flat = hn.view(B * T, -1)

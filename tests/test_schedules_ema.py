@@ -1,0 +1,229 @@
+"""LR schedules (train/schedules.py), the parameter EMA (train/ema.py) and per-block activation
+checkpointing (HybridConfig.activation_checkpointing)."""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from hybrid.config import HybridConfig
+from hybrid.model import HybridModel
+from hybrid.sampling import prefill, prompt_prefix_rows, run_chunk
+from hybrid.sequence import SampleBuilder, pack
+from train.config import TrainConfig
+from train.ema import EMA
+from train.schedules import build_lr_lambda, warmup_cosine, warmup_stable_decay
+from train.trainer import lr_lambda
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps,warmup,min_ratio", [(1000, 50, 0.1), (37, 0, 0.0), (10, 10, 0.5), (200, 3, 1.0)])
+def test_warmup_cosine_matches_trainer(steps, warmup, min_ratio):
+    ref = lr_lambda(TrainConfig(steps=steps, warmup_steps=warmup, min_lr_ratio=min_ratio))
+    ours = warmup_cosine(warmup, steps, min_ratio)
+    named = build_lr_lambda("cosine", warmup, steps, min_ratio)
+    for s in range(steps + 5):
+        assert ours(s) == ref(s) == named(s), s
+
+
+def test_wsd_shape_and_hand_computed_points():
+    total, warmup, r = 100, 10, 0.1
+    f = warmup_stable_decay(warmup, total, cooldown_fraction=0.2, min_ratio=r)
+    assert [f(s) for s in range(warmup)] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert all(f(s) == 1.0 for s in range(warmup, 80))  # stable until the last 20% of the steps
+    cool = [f(s) for s in range(80, total + 1)]
+    assert cool[0] == 1.0 and cool[-1] == r  # reaches min_ratio exactly at the end
+    assert all(a > b for a, b in zip(cool, cool[1:]))  # strictly decreasing through the cooldown
+    assert f(total + 7) == r
+    # p = (s - 80) / 20: p = 1/4 -> 1 - 1/2; p = 1/16 is not a step, p = 9/20 -> 1 - sqrt(0.45)
+    assert f(85) == pytest.approx(r + (1 - r) * 0.5)
+    assert f(89) == pytest.approx(r + (1 - r) * (1 - math.sqrt(0.45)))
+    assert f(95) == pytest.approx(r + (1 - r) * (1 - math.sqrt(0.75)))
+    # 1 - sqrt drops fast first: after a quarter of the cooldown half the LR is gone (cosine: 15%)
+    assert f(85) < 0.6
+    assert build_lr_lambda("wsd", warmup, total, r, cooldown_fraction=0.2)(89) == f(89)
+
+
+def test_wsd_cooldown_never_starts_inside_warmup():
+    f = warmup_stable_decay(8, 10, cooldown_fraction=0.5, min_ratio=0.0)
+    assert [f(s) for s in range(8)] == pytest.approx([(s + 1) / 8 for s in range(8)])
+    assert f(8) == 1.0 and f(9) == pytest.approx(1 - math.sqrt(0.5)) and f(10) == 0.0
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="unknown lr schedule 'linear'.*cosine.*wsd"):
+        build_lr_lambda("linear", 10, 100, 0.1)
+    with pytest.raises(ValueError, match="cooldown_fraction"):
+        warmup_stable_decay(10, 100, cooldown_fraction=0.0)
+    with pytest.raises(ValueError, match="warmup"):
+        warmup_cosine(200, 100, 0.1)
+    with pytest.raises(ValueError, match="min_ratio"):
+        warmup_cosine(10, 100, 1.5)
+
+
+# --- EMA --------------------------------------------------------------------------------------
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    m[1].bias.requires_grad_(False)  # frozen parameters are not tracked
+    return m
+
+
+def perturb(m: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+
+
+def test_ema_closed_form_after_k_updates():
+    m, d, k = tiny(), 0.9, 5
+    ema = EMA(m, decay=d)
+    assert set(ema.shadow) == {n for n, p in m.named_parameters() if p.requires_grad}
+    history = [{n: p.detach().clone() for n, p in m.named_parameters()}]  # theta_0
+    for i in range(1, k + 1):
+        perturb(m, i)
+        history.append({n: p.detach().clone() for n, p in m.named_parameters()})
+        ema.update(m)
+    for name, s in ema.shadow.items():  # s_k = d^k theta_0 + (1 - d) sum_i d^(k - i) theta_i
+        expected = d**k * history[0][name] + sum((1 - d) * d ** (k - i) * history[i][name] for i in range(1, k + 1))
+        torch.testing.assert_close(s, expected, atol=1e-6, rtol=0)
+        assert s.dtype == torch.float32
+
+
+def test_ema_warmup_decay_and_bf16_model_keeps_fp32_shadow():
+    m = tiny().to(torch.bfloat16)
+    ema = EMA(m, decay=0.999, warmup=True)
+    assert all(s.dtype == torch.float32 for s in ema.shadow.values())
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    perturb(m, 1)
+    ema.update(m)  # d = 0.1: the shadow moves 90% of the way to the new weights
+    assert ema.current_decay() == pytest.approx(2 / 11)
+    ema.num_updates = 10**6
+    assert ema.current_decay() == 0.999
+
+
+def test_ema_state_dict_round_trip_and_swapped():
+    m = tiny()
+    ema = EMA(m, decay=0.5)
+    perturb(m, 1)
+    ema.update(m)
+    state = ema.state_dict()
+    other = EMA(tiny(), decay=0.1)
+    other.load_state_dict(state)
+    assert other.decay == 0.5 and other.num_updates == 1
+    for n in ema.shadow:
+        assert torch.equal(other.shadow[n], ema.shadow[n])
+    ema.update(m)  # the saved state is a copy, not a view of the live shadow
+    assert not torch.equal(state["shadow"]["0.weight"], ema.shadow["0.weight"])
+
+    live = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with ema.swapped(m):
+        for n, s in ema.shadow.items():
+            assert torch.equal(dict(m.named_parameters())[n], s)
+        assert not torch.equal(m[0].weight, live["0.weight"])
+    for n, p in m.named_parameters():
+        assert torch.equal(p, live[n])
+    with pytest.raises(RuntimeError, match="boom"), ema.swapped(m):  # restored on errors too
+        raise RuntimeError("boom")
+    assert torch.equal(m[0].weight, live["0.weight"])
+    with pytest.raises(ValueError, match="unwrapped"):
+        ema.update(nn.Sequential(m))  # a wrapper's prefixed names do not match
+
+
+def test_ema_checkpointed_by_accelerate(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    m = tiny()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, opt = accelerator.prepare(m, opt)
+    ema = EMA(accelerator.unwrap_model(m), decay=0.8, warmup=True)
+    accelerator.register_for_checkpointing(ema)
+    for _ in range(3):
+        m(torch.randn(5, 3)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(accelerator.unwrap_model(m))
+    saved = {n: s.clone() for n, s in ema.shadow.items()}
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    perturb(m, 9)
+    ema.update(accelerator.unwrap_model(m))
+    assert ema.num_updates == 4
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert ema.num_updates == 3 and ema.warmup and ema.decay == 0.8
+    for n, s in ema.shadow.items():
+        assert torch.equal(s, saved[n])
+
+
+# --- activation checkpointing -----------------------------------------------------------------
+
+SAMPLES = [["a photo of a red circle", Image.new("RGB", (32, 32), (255, 0, 0))],
+           ["Here is a picture.", Image.new("RGB", (32, 32), (0, 0, 255)), "And another one below it."]]
+
+
+def test_activation_checkpointing_config():
+    assert HybridConfig.from_preset("debug").activation_checkpointing is False
+    with pytest.raises(ValueError, match="activation_checkpointing must be a bool"):
+        HybridConfig.from_preset("debug", activation_checkpointing="yes")
+
+
+def test_activation_checkpointing_same_loss_and_gradients(debug_cfg, tokenizer):
+    sb = SampleBuilder(tokenizer, debug_cfg, caption_dropout=0.0)
+    batch = pack([sb.tokenize(s) for s in SAMPLES], debug_cfg.max_seq_len, debug_cfg.pad_id)
+    n, N, P = batch.gen_index.shape[0], debug_cfg.image_tokens, debug_cfg.patch_dim
+    g = torch.Generator().manual_seed(0)
+    x, t, target = torch.randn(n, N, P, generator=g), torch.tensor([10.0, 700.0]), torch.randn(n, N, P, generator=g)
+    torch.manual_seed(0)
+    ref = HybridModel(debug_cfg)
+    with torch.no_grad():  # the zero-init diffusion head would give its input layers no gradient
+        ref.image_out.weight.normal_(std=0.02)
+    results = []
+    for flag in (False, True):
+        model = HybridModel(HybridConfig.from_dict({**debug_cfg.to_dict(), "activation_checkpointing": flag}))
+        model.load_state_dict(ref.state_dict())
+        model.train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+            out = model(batch.input_ids, batch.position_ids, batch.attention_mask("sdpa"), gen_tokens=x,
+                        gen_index=batch.gen_index, gen_timesteps=t)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch.input_ids[:, 1:].flatten()) \
+            + (out.image_pred - target).square().mean()
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        results.append((loss.detach(), grads, len(saved)))
+    (loss_off, grads_off, saved_off), (loss_on, grads_on, saved_on) = results
+    assert saved_on < saved_off / 2, (saved_on, saved_off)  # the blocks' activations really are dropped
+    torch.testing.assert_close(loss_on, loss_off, atol=1e-6, rtol=0)
+    assert grads_on.keys() == grads_off.keys()
+    for name, g_off in grads_off.items():
+        if g_off is None:
+            assert grads_on[name] is None, name
+            continue
+        torch.testing.assert_close(grads_on[name], g_off, atol=1e-6, rtol=0, msg=name)
+    assert any(grads_off[f"layers.{i}.attn.q_proj.weight"].abs().sum() > 0 for i in range(debug_cfg.n_layers))
+
+
+def test_activation_checkpointing_leaves_cached_generation_alone(debug_cfg, tokenizer):
+    torch.manual_seed(0)
+    ref = HybridModel(debug_cfg).eval()
+    on = HybridModel(HybridConfig.from_dict({**debug_cfg.to_dict(), "activation_checkpointing": True}))
+    on.load_state_dict(ref.state_dict())
+    on.train()  # training mode with gradients on: the cached path must still run plainly
+    rows = prompt_prefix_rows([tokenizer.encode("a photo of a red circle", add_special_tokens=False)], debug_cfg,
+                              with_uncond=False)
+    next_id = torch.tensor([[tokenizer.encode("blue", add_special_tokens=False)[0]]])
+    with torch.no_grad():
+        cache_ref, out_ref = prefill(ref, rows)
+        step_ref = run_chunk(ref, cache_ref, next_id, keep=True)
+    cache_on, out_on = prefill(on, rows)
+    step_on = run_chunk(on, cache_on, next_id, keep=True)
+    assert cache_on.length == cache_ref.length == len(rows[0]) + 1
+    for a, b in zip(cache_on.keys + cache_on.values, cache_ref.keys + cache_ref.values):
+        torch.testing.assert_close(a.detach(), b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out_on.logits.detach(), out_ref.logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(step_on.logits.detach(), step_ref.logits, atol=1e-6, rtol=0)
