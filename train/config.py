@@ -33,8 +33,11 @@ class TrainConfig:
     output_dir: str = "runs/tiny"
     seed: int = 0
 
-    # data: the shapes world (the embedded default)
-    data: str = "shapes"
+    # data: None (or "shapes"): the shapes world, the embedded default. Otherwise files, as
+    # train.sources.parse_data_spec reads them: "a.jsonl", "a.jsonl=3,shards-{000..001}.tar=1", or
+    # a datasets folder (mix_* do not apply to files; samples still use shapes-world prompts)
+    data: str | None = None
+    data_on_error: str = "skip"  # a bad record: "skip" (counted by reason, logged) or "raise"
     heldout_eval: bool = True  # sample prompts from the held-out compositions too
     mix_caption: float = 0.85  # caption -> image samples
     mix_interleaved: float = 0.15  # text, image, text, image documents
@@ -83,13 +86,28 @@ class TrainConfig:
     # End this invocation after this step (checkpointing there) while the LR schedule still
     # follows ``steps``: for job-time limits, and for tests of exact resumption.
     stop_at: int | None = None
+    # A resumed run must have the training config its checkpoint was written with, except for the
+    # fields in RESTART_FIELDS (cadence, paths, stop_at, ...); true accepts any difference.
+    allow_config_change: bool = False
+
+    # faults: a step whose loss or gradient norm is not finite (on any process) is skipped: no
+    # optimizer update, but its batch is consumed and the step / LR schedule advance. This many
+    # consecutive skipped steps stop the run (the last good checkpoint is kept).
+    max_bad_steps: int = 5
+    # Debug fault injection: the loss of these steps is made NaN before backward (a transient
+    # fault such as a bad node or a corrupt batch), to exercise the guard end to end.
+    fault_nan_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         problems = []
         if self.stage != "hybrid":
             problems.append(f"stage {self.stage!r} is not available yet (only 'hybrid')")
-        if self.data != "shapes":
-            problems.append(f"data {self.data!r} is not available yet (only 'shapes')")
+        if self.data is not None and not self.data.strip():
+            problems.append("data must be a path / spec, or unset for the shapes world")
+        if self.data_on_error not in ("skip", "raise"):
+            problems.append(f"data_on_error must be skip/raise, got {self.data_on_error!r}")
+        if self.max_bad_steps < 1:
+            problems.append(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             problems.append(f"mixed_precision must be no/bf16/fp16 (or unset), got {self.mixed_precision!r}")
         for name in ("steps", "batch_size", "log_every", "save_every", "sample_every", "grad_accum"):
@@ -106,6 +124,15 @@ class TrainConfig:
             raise ValueError("invalid training config: " + "; ".join(problems))
         self.model_config()  # validates preset + model overrides early
 
+    @property
+    def shapes_data(self) -> bool:
+        return self.data in (None, "shapes")
+
+    def math_dict(self) -> dict[str, Any]:
+        """The fields that decide what is computed (all but RESTART_FIELDS): what a resumed run
+        must share with its checkpoint."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESTART_FIELDS}
+
     def model_config(self, **extra: Any) -> HybridConfig:
         """The preset (or ``init_from``'s config.json) + ``model`` overrides + ``extra``."""
         if self.init_from:
@@ -118,6 +145,17 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Fields that may differ between a checkpoint and the run resuming it: where and when to stop,
+# save, log and sample, how many checkpoints to keep, how to resume, the fault policy, data
+# loading workers (the data is a pure function of the index), and the debug fault injection (a
+# transient fault is not expected to recur after a restart). Anything else changes the math.
+RESTART_FIELDS = frozenset({
+    "output_dir", "stop_at", "resume", "allow_config_change", "log_every", "save_every",
+    "keep_checkpoints", "sample_every", "num_samples", "sample_steps", "guidance_scale", "temperature",
+    "top_k", "und_eval", "heldout_eval", "num_workers", "max_bad_steps", "fault_nan_steps", "data_on_error",
+})
 
 
 def read_raw(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -199,5 +237,8 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             return value
         elif typing.get_origin(t) is dict and isinstance(value, dict):
             return value
+        elif typing.get_origin(t) is list and isinstance(value, list):
+            (item,) = typing.get_args(t)
+            return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
     expected = " or ".join(getattr(t, "__name__", str(t)) for t in options)
     raise ValueError(f"{name}: expected {expected}, got {value!r}")

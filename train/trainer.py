@@ -44,11 +44,16 @@ from hybrid.sampling import generate_images, scheduler_for
 from hybrid.sequence import SampleBuilder, pack
 from hybrid.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 from train.config import TrainConfig, load_config  # noqa: F401  (the stage's config loader)
+from train.sources import REASONS, SampleLimit, build_sources, parse_data_spec
 from train.data import ShapesTrainSet, understanding_question
 from train.detect import detect, evaluate
 from train.shapes import ShapesWorld
 
 STATE_FILE = "trainer_state.json"
+
+
+class NonFiniteError(RuntimeError):
+    """``max_bad_steps`` consecutive steps had a non-finite loss or gradient norm."""
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -61,14 +66,14 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(ckpts)[1] if ckpts else None
 
 
-def save_run(accelerator, out: Path, step: int, key: str, value, keep: int) -> None:
-    """Save the run state as ``out/checkpoints/step_XXXXXXX``; ``trainer_state.json`` (step and
-    ``key: value``, what ``resume_run`` checks) is written last, so its presence marks the
-    checkpoint complete and a killed save is ignored. Only the newest ``keep`` are kept."""
+def save_run(accelerator, out: Path, step: int, key: str, value, keep: int, extra: dict | None = None) -> None:
+    """Save the run state as ``out/checkpoints/step_XXXXXXX``; ``trainer_state.json`` (step,
+    ``key: value``, what ``resume_run`` checks, and ``extra``) is written last, so its presence
+    marks the checkpoint complete and a killed save is ignored. Only the newest ``keep`` are kept."""
     path = out / "checkpoints" / f"step_{step:07d}"
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
-        (path / STATE_FILE).write_text(json.dumps({"step": step, key: value}))
+        (path / STATE_FILE).write_text(json.dumps({"step": step, key: value, **(extra or {})}))
         done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -79,9 +84,17 @@ def resume_run(accelerator, out: Path, resume: str, key: str, expected) -> int:
     """Restore the run state of ``out`` (``resume``: "auto" = newest complete checkpoint, "none",
     or a checkpoint path) and return its step (0 when starting fresh). ``trainer_state.json[key]``
     must equal ``expected`` (the model config): a different model must not silently resume."""
+    return resume_state(accelerator, out, resume, key, expected)[0]
+
+
+def resume_state(accelerator, out: Path, resume: str, key: str, expected, train_config: dict | None = None,
+                 allow_config_change: bool = False) -> tuple[int, dict]:
+    """``resume_run``, returning ``(step, trainer_state)`` too. With ``train_config`` (the fields
+    of the training config that change the math), a checkpoint saved with a different one is
+    refused, naming the fields, unless ``allow_config_change``."""
     ckpt = None if resume == "none" else latest_checkpoint(out) if resume == "auto" else Path(resume)
     if ckpt is None:
-        return 0
+        return 0, {}
     if not (ckpt / STATE_FILE).is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {STATE_FILE})")
     state = json.loads((ckpt / STATE_FILE).read_text())
@@ -90,11 +103,20 @@ def resume_run(accelerator, out: Path, resume: str, key: str, expected) -> int:
         diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
         raise ValueError(f"{ckpt} was trained with a different model config (differs in {diff}); "
                          f"use another output_dir, or resume=none to start over")
+    saved = state.get("train_config")
+    if train_config is not None and saved is not None and saved != train_config:
+        diff = {k: (saved.get(k), train_config.get(k)) for k in sorted(set(saved) | set(train_config))
+                if saved.get(k) != train_config.get(k)}
+        if not allow_config_change:
+            raise ValueError(f"{ckpt} was trained with a different training config (checkpoint, now): {diff}; "
+                             f"use the same config, another output_dir, resume=none to start over, or "
+                             f"allow_config_change=true to resume with the new values")
+        accelerator.print(f"warning: resuming {ckpt} with a changed training config (checkpoint, now): {diff}")
     accelerator.load_state(str(ckpt))
     accelerator.print(f"resumed from {ckpt} at step {state['step']}")
     if accelerator.is_main_process:
         drop_log_after(out / "log.jsonl", state["step"])
-    return state["step"]
+    return state["step"], state
 
 
 def drop_log_after(log: Path, step: int) -> None:
@@ -289,15 +311,24 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.print(f"initialised from {init}")
     codec_name = mcfg.image_codec
     scheduler = scheduler_for(mcfg)
-    dataset = ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
-                             mix_understand=cfg.mix_understand, caption_dropout=mcfg.caption_dropout, seed=cfg.seed)
     collate = SampleBuilder(tokenizer, mcfg, seq_len=cfg.seq_len, truncate_long=False)
+    if cfg.shapes_data:
+        dataset = ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
+                                 mix_understand=cfg.mix_understand, caption_dropout=mcfg.caption_dropout,
+                                 seed=cfg.seed)
+        skip_counter = None
+    else:  # files: bad records are skipped (counted by reason) or raise, per data_on_error
+        dataset = build_sources(parse_data_spec(cfg.data), mcfg.image_size, 10_000_000, seed=cfg.seed,
+                                caption_dropout=mcfg.caption_dropout, limit=SampleLimit.from_builder(collate),
+                                on_error=cfg.data_on_error)
+        skip_counter = dataset.counter
     # Sequential order: the data is already random per index, and resuming = skipping batches.
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
                         num_workers=cfg.num_workers, drop_last=True)
     tuned = encoder if cfg.siglip_trainable else None
     optimizer = build_optimizer(model, cfg, tuned)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    hyper = [{k: g[k] for k in ("initial_lr", "betas", "weight_decay")} for g in optimizer.param_groups]
     # The LR schedule is not prepared: accelerate would step it once per process per step.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if tuned is not None:
@@ -310,8 +341,23 @@ def train(cfg: TrainConfig) -> Path:
     # (torch's global RNG is no good here: every new DataLoader iterator draws from it.)
     noise_gen = torch.Generator(accelerator.device)
 
-    step = resume_run(accelerator, out, cfg.resume, "model_config", mcfg.to_dict())
-    accelerator.init_trackers("hybrid", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)})
+    step, _ = resume_state(accelerator, out, cfg.resume, "model_config", mcfg.to_dict(), cfg.math_dict(),
+                           cfg.allow_config_change)
+    if step:  # the optimizer hyperparameters and LR schedule are the config's (they differ from the
+        # checkpoint's only with allow_config_change): the same formula as LambdaLR, so bitwise equal
+        lr_sched.base_lrs = [h["initial_lr"] for h in hyper]
+        for g, h, f in zip(optimizer.param_groups, hyper, lr_sched.lr_lambdas):
+            g.update(h, lr=h["initial_lr"] * f(lr_sched.last_epoch))
+        lr_sched._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+    def skipped_items() -> dict[str, int]:  # collective: every process calls it
+        """Bad records skipped by this invocation's loaders, by reason, summed over processes.
+        They count what was read, read-ahead included (one batch with num_workers=0), and start
+        from 0 in a resumed invocation, which reads the batches after its checkpoint again."""
+        local = skip_counter.counts.clone().to(accelerator.device)
+        total = accelerator.reduce(local, "sum").cpu()
+        return {r: int(n) for r, n in zip(REASONS, total.tolist()) if n}
+    accelerator.init_trackers("hybrid", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, (dict, list))})
 
     log_file = (out / "log.jsonl").open("a") if main else None
     prompts = sample_prompts(world, cfg.num_samples, cfg.heldout_eval)
@@ -323,7 +369,8 @@ def train(cfg: TrainConfig) -> Path:
                           f"codec={mcfg.image_codec}")
 
     def checkpoint(at: int) -> None:
-        save_run(accelerator, out, at, "model_config", mcfg.to_dict(), cfg.keep_checkpoints)
+        save_run(accelerator, out, at, "model_config", mcfg.to_dict(), cfg.keep_checkpoints,
+                 {"train_config": cfg.math_dict()})
 
     def sample(at: int) -> None:  # on every process (ZeRO-3 gathers parameters collectively); main writes
         unwrapped.eval()
@@ -361,12 +408,17 @@ def train(cfg: TrainConfig) -> Path:
     step_losses = torch.zeros(3, device=accelerator.device)  # total, text, image summed over this step's micro-batches
     micro = step * cfg.grad_accum  # batches consumed so far on this process
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
+    bad_run = 0  # consecutive skipped (non-finite) steps
+    grad_norm = None
     for batch in batches:
         if step >= end:
             break
         noise_gen.manual_seed(cfg.seed * 1_000_003**2 + micro * accelerator.num_processes + accelerator.process_index)
         with accelerator.accumulate(*(m for m in (model, tuned) if m is not None)):
             und = None
+            if batch.und_images.shape[0] and encoder is None:
+                raise ValueError("the data has understanding images (vqa records, or images with role "
+                                 "'und') but no SigLIP encoder: set siglip_path")
             if batch.und_images.shape[0]:
                 with torch.set_grad_enabled(tuned is not None):
                     und = (tuned or encoder)(batch.und_images)  # (n_und, M, F)
@@ -378,24 +430,56 @@ def train(cfg: TrainConfig) -> Path:
                                mcfg.attn_impl, und_features=und, generator=noise_gen, image_head=mcfg.image_head)
             if und is None and tuned is not None:
                 loss.total = loss.total + idle.sum() * 0.0
+            if step + 1 in cfg.fault_nan_steps:  # debug fault injection (see TrainConfig)
+                loss.total = loss.total * float("nan")
             accelerator.backward(loss.total)
-            if accelerator.sync_gradients and cfg.grad_clip > 0:
-                trained = [*model.parameters(), *(tuned.parameters() if tuned is not None else ())]
-                grad_norm = accelerator.clip_grad_norm_(trained, cfg.grad_clip)
-            optimizer.step()
+            step_losses += torch.stack([loss.total, loss.text, loss.image]).detach().float()
+            skipped = None
             if accelerator.sync_gradients:
-                lr_sched.step()
+                # The norm over all processes' gradients (an infinite max_norm clips nothing).
+                trained = [*model.parameters(), *(tuned.parameters() if tuned is not None else ())]
+                grad_norm = accelerator.clip_grad_norm_(trained, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                norm = torch.as_tensor(0.0 if grad_norm is None else float(grad_norm), device=accelerator.device)
+                # non-finite loss / gradient norm, on any process: every process takes the same decision
+                flags = torch.stack([~torch.isfinite(step_losses).all(), ~torch.isfinite(norm)]).float()
+                loss_bad, grad_bad = accelerator.reduce(flags, "sum").tolist()
+                if accelerator.scaler is not None:  # fp16: overflowing gradients are the grad scaler's
+                    grad_bad = 0  # business (it skips the update and lowers its scale), not a fault
+                skipped = "non-finite loss" if loss_bad else "non-finite grad_norm" if grad_bad else None
+                if skipped is None:
+                    optimizer.step()
+                elif accelerator.scaler is not None:
+                    accelerator.scaler.update()  # closes the unscale_ of clip_grad_norm_; lowers the scale
+                lr_sched.step()  # a skipped step still advances the schedule: LR stays f(step)
             optimizer.zero_grad(set_to_none=True)
         tokens_since += batch.num_tokens * accelerator.num_processes
         micro += 1
-        step_losses += torch.stack([loss.total, loss.text, loss.image]).detach().float()
         if not accelerator.sync_gradients:
             continue
         step += 1
+        bad_run = bad_run + 1 if skipped else 0
         # the logged losses are the step's: mean over micro-batches and processes (the same
         # number for any split of the global batch into processes x accumulation)
         logged, step_losses = step_losses / cfg.grad_accum, torch.zeros_like(step_losses)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if skipped:  # always logged
+            total = accelerator.reduce(logged, "mean").tolist()[0]
+            rec = {"step": step, "skipped": skipped, "loss": total if math.isfinite(total) else None,
+                   "grad_norm": float(norm) if math.isfinite(float(norm)) else None, "bad_steps_in_a_row": bad_run}
+            if main:
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+            accelerator.print(f"step {step}: skipped ({skipped}), {bad_run} in a row")
+            if bad_run >= cfg.max_bad_steps:
+                last = latest_checkpoint(out)
+                if log_file:
+                    log_file.close()
+                accelerator.end_training()
+                raise NonFiniteError(
+                    f"stopping at step {step}: {bad_run} consecutive steps with a non-finite loss or gradient "
+                    f"norm (max_bad_steps={cfg.max_bad_steps}); no checkpoint was written for them. The last good "
+                    f"checkpoint is {last or '(none: the run starts over)'}; rerunning resumes from it (lower lr, "
+                    f"check the data, or raise max_bad_steps)")
+        elif step % cfg.log_every == 0 or step == cfg.steps:
             total, text, image = accelerator.reduce(logged, "mean").tolist()
             now = time.perf_counter()
             rec = {
@@ -404,11 +488,13 @@ def train(cfg: TrainConfig) -> Path:
                 "text_loss": text,
                 "image_loss": image,
                 "lr": lr_sched.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if cfg.grad_clip > 0 and grad_norm is not None else None,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": tokens_since / (now - t_last),
             }
+            if skip_counter is not None:
+                rec["skipped_items"] = skipped_items()
             t_last, tokens_since = now, 0
-            accelerator.log({k: v for k, v in rec.items() if v is not None and k != "step"}, step=step)
+            accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
             if main:
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
@@ -416,13 +502,17 @@ def train(cfg: TrainConfig) -> Path:
                                 image=f"{rec['image_loss']:.4f}", lr=f"{rec['lr']:.1e}",
                                 tok_s=f"{rec['tokens_per_s']:.0f}")
         bar.update(1)
-        if step % cfg.save_every == 0 and step < end:
+        if step % cfg.save_every == 0 and step < end and not bad_run:  # never in a bad streak
             checkpoint(step)
         if step % cfg.sample_every == 0 and step < end:
             sample(step)
     bar.close()
 
     checkpoint(step)
+    if skip_counter is not None:
+        counts = skipped_items()
+        accelerator.print(f"data: skipped {sum(counts.values())} items" +
+                          (": " + ", ".join(f"{k}={v}" for k, v in counts.items()) if counts else ""))
     if step < cfg.steps:
         accelerator.print(f"stopped at step {step} of {cfg.steps}; rerun the same command to resume")
         if log_file:
