@@ -184,3 +184,29 @@ def test_answer_is_read_where_training_puts_the_answer_target(debug_cfg):
         trained_at = [j for j, t in enumerate(trained.targets) if t != -100]
         answer = letters["ABCD".index(q.answer)][0]
         assert trained_at[0] == len(asked) - 2 and trained.targets[trained_at[0]] == answer
+
+
+def test_ema_and_wsd_schedule_resume_exactly(tmp_path):
+    """With EMA and the warmup-stable-decay schedule on, a stopped-and-resumed run equals the
+    uninterrupted one, EMA weights included (they are checkpointed); final_ema/ holds them, and
+    the logged LR follows the schedule."""
+    from train.schedules import build_lr_lambda
+
+    extra = ("ema_decay=0.9", "lr_schedule=wsd", "cooldown_fraction=0.5", "warmup_steps=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(straight, *extra)
+    run(resumed, *extra, "stop_at=6")
+    run(resumed, *extra)
+    for folder in ("final", "final_ema"):
+        a = load_file(straight / folder / "model.safetensors")
+        b = load_file(resumed / folder / "model.safetensors")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{folder}: {k}")
+    raw, ema = load_file(straight / "final/model.safetensors"), load_file(straight / "final_ema/model.safetensors")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the EMA lags the live weights
+    cfg = load_config(DEBUG, list(extra))
+    f = build_lr_lambda("wsd", 2, 12, cfg.min_lr_ratio, 0.5)
+    log = [r for r in map(json.loads, (straight / "log.jsonl").read_text().splitlines()) if "lr" in r]
+    assert len(log) == 6
+    for r in log:  # lr logged after the step's scheduler update: the multiplier of step r["step"]
+        assert r["lr"] == pytest.approx(cfg.lr * f(r["step"]), rel=1e-9), r

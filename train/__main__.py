@@ -42,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    final = module.train(cfg)
+    from train.trainer import NonFiniteError
+
+    try:
+        final = module.train(cfg)
+    except NonFiniteError as e:  # the run stopped itself; its last good checkpoint is intact
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(f"done: model exported to {final}")
     return 0
 

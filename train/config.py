@@ -63,6 +63,12 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
+    # "cosine": warmup + cosine to min_lr_ratio; "wsd": warmup + constant + a 1 - sqrt cooldown over
+    # the last cooldown_fraction of the steps (train/schedules.py)
+    lr_schedule: str = "cosine"
+    cooldown_fraction: float = 0.2
+    ema_decay: float = 0.0  # > 0: keep fp32 EMA weights (checkpointed) and export them as final_ema/
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)): early updates move faster
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
@@ -106,6 +112,12 @@ class TrainConfig:
             problems.append("data must be a path / spec, or unset for the shapes world")
         if self.data_on_error not in ("skip", "raise"):
             problems.append(f"data_on_error must be skip/raise, got {self.data_on_error!r}")
+        if self.lr_schedule not in ("cosine", "wsd"):
+            problems.append(f"lr_schedule must be cosine/wsd, got {self.lr_schedule!r}")
+        if not 0 < self.cooldown_fraction <= 1:
+            problems.append(f"cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
         if self.max_bad_steps < 1:
             problems.append(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):

@@ -43,6 +43,8 @@ from hybrid.model import HybridModel
 from hybrid.sampling import generate_images, scheduler_for
 from hybrid.sequence import SampleBuilder, pack
 from hybrid.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
+from train.ema import EMA
+from train.schedules import build_lr_lambda
 from train.config import TrainConfig, load_config  # noqa: F401  (the stage's config loader)
 from train.sources import REASONS, SampleLimit, build_sources, parse_data_spec
 from train.data import ShapesTrainSet, understanding_question
@@ -143,13 +145,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, encoder: torch.nn.
 
 
 def lr_lambda(cfg: TrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
+    """The LR multiplier per step for the configured schedule (train/schedules.py)."""
+    return build_lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.cooldown_fraction)
 
 
 def sample_prompts(world: ShapesWorld, n: int, heldout: bool) -> list[dict]:
@@ -334,6 +331,10 @@ def train(cfg: TrainConfig) -> Path:
     if tuned is not None:
         tuned = accelerator.prepare(tuned)  # trained: wrapped, checkpointed and synchronised too
     accelerator.register_for_checkpointing(lr_sched)
+    # EMA of the model's weights (fp32 shadow), checkpointed with the run, so registered before resuming
+    ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     # Diffusion timesteps and noise come from a generator reseeded from (seed, global batch
     # number) before every batch: a pure function of which data batch is trained on, so a resumed
     # run draws exactly what the uninterrupted run drew, and N processes x 1 batch draw what 1
@@ -448,6 +449,8 @@ def train(cfg: TrainConfig) -> Path:
                 skipped = "non-finite loss" if loss_bad else "non-finite grad_norm" if grad_bad else None
                 if skipped is None:
                     optimizer.step()
+                    if ema is not None:
+                        ema.update(accelerator.unwrap_model(model))
                 elif accelerator.scaler is not None:
                     accelerator.scaler.update()  # closes the unscale_ of clip_grad_norm_; lowers the scale
                 lr_sched.step()  # a skipped step still advances the schedule: LR stays f(step)
@@ -531,6 +534,10 @@ def train(cfg: TrainConfig) -> Path:
         # encoder if siglip_trainable), self-contained for HybridPipeline.from_pretrained
         HybridPipeline(exported, tokenizer, scheduler, codec if codec_name == "vq" else None, encoder
                        ).save_pretrained(final)
+        if ema is not None:  # the same layout with the EMA weights
+            ema.copy_to(exported)
+            HybridPipeline(exported, tokenizer, scheduler, codec if codec_name == "vq" else None, encoder
+                           ).save_pretrained(out / "final_ema")
         log_file.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
