@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from hybrid.tokenizer import train_tokenizer
 from train.__main__ import main
 from train.shapes import ShapesWorld
 from train.sources import BadItemError
-from train.trainer import STATE_FILE, NonFiniteError, latest_checkpoint
+from train.trainer import STATE_FILE, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = "train/configs/debug.yaml"
@@ -155,14 +156,14 @@ def test_non_finite_steps_are_skipped(tmp_path, tok):
     assert any(not torch.equal(b[k], c[k]) for k in b)
 
 
-def test_a_streak_of_non_finite_steps_stops_the_run(tmp_path, tok):
+def test_a_streak_of_non_finite_steps_stops_the_run(tmp_path, tok, capsys):
     """max_bad_steps=3 consecutive NaN steps (7, 8, 9) stop the run with a message naming the step
     and the last good checkpoint (step 6; none is written for 8): it stays complete and the same
     command, once the fault is gone, resumes from it and finishes."""
     out = tmp_path / "streak"
     extra = ("steps=12", "log_every=1", "save_every=2", "max_bad_steps=3")
-    with pytest.raises(NonFiniteError, match=r"stopping at step 9: 3 consecutive .*step_0000006"):
-        main(args(out, tok, *extra, "fault_nan_steps=[7, 8, 9]"))
+    assert main(args(out, tok, *extra, "fault_nan_steps=[7, 8, 9]")) == 3  # a NonFiniteError, reported
+    assert re.search(r"error: stopping at step 9: 3 consecutive .*step_0000006", capsys.readouterr().err)
     assert latest_checkpoint(out).name == "step_0000006"
     assert not (out / "checkpoints" / "step_0000008").exists() and not (out / "final").exists()
     assert [r["step"] for r in records(out) if "skipped" in r] == [7, 8, 9]

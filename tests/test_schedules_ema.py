@@ -59,7 +59,9 @@ def test_schedule_errors():
     with pytest.raises(ValueError, match="cooldown_fraction"):
         warmup_stable_decay(10, 100, cooldown_fraction=0.0)
     with pytest.raises(ValueError, match="warmup"):
-        warmup_cosine(200, 100, 0.1)
+        warmup_cosine(-1, 100, 0.1)
+    # a warmup longer than the run only ramps up (what a short debug run with the default warmup does)
+    assert [warmup_cosine(5, 3, 0.1)(s) for s in range(3)] == pytest.approx([0.2, 0.4, 0.6])
     with pytest.raises(ValueError, match="min_ratio"):
         warmup_cosine(10, 100, 1.5)
 

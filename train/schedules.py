@@ -23,8 +23,8 @@ LRLambda = Callable[[int], float]
 def _check(warmup: int, total: int, min_ratio: float) -> None:
     if total < 1:
         raise ValueError(f"total steps must be >= 1, got {total}")
-    if not 0 <= warmup <= total:
-        raise ValueError(f"warmup must be in [0, total={total}], got {warmup}")
+    if warmup < 0:  # warmup > total is allowed: a short (debug) run then only ramps up
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
     if not 0.0 <= min_ratio <= 1.0:
         raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
 

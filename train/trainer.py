@@ -146,7 +146,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, encoder: torch.nn.
 
 def lr_lambda(cfg: TrainConfig):
     """The LR multiplier per step for the configured schedule (train/schedules.py)."""
-    return build_lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.cooldown_fraction)
+    # the vq / siglip stages' configs have no schedule choice: warmup + cosine
+    return build_lr_lambda(getattr(cfg, "lr_schedule", "cosine"), cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio,
+                           getattr(cfg, "cooldown_fraction", 0.2))
 
 
 def sample_prompts(world: ShapesWorld, n: int, heldout: bool) -> list[dict]:
