@@ -52,12 +52,11 @@ from typing import Any, Iterable, Sequence
 import torch
 from PIL import Image
 
-from hybrid.pipeline import HybridPipeline
+from hybrid.pipeline import DTYPES as PIPELINE_DTYPES, HybridPipeline
 from hybrid.sequence import IGNORE, ImageSegment, TokenizedSample, bidirectional_kinds, pack
 
 MODULE = "eval.adapters"  # the import path the toolkits' registries point at
-DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"auto": None, **PIPELINE_DTYPES}
 
 
 def default_device() -> str:

@@ -58,7 +58,7 @@ import torch
 from PIL import Image
 
 RUN_FILE, META_FILE = "run.json", "metadata.jsonl"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # --dtype choices (hybrid.pipeline.DTYPES maps them)
 SEED_POLICY = "sample j of prompt i (0-based metadata line) uses torch.Generator(device).manual_seed(seed + i * n_samples + j)"
 SAMPLE_RE = re.compile(r"^\d+\.png$")
 FOLDER_RE = re.compile(r"^\d{5}$")
@@ -238,7 +238,7 @@ def generate_shard(pipe, rows: Sequence[dict], out: Path, n_samples: int = 4, st
 def run_generate(args: argparse.Namespace) -> list[int]:
     from accelerate import PartialState
 
-    from hybrid.pipeline import HybridPipeline
+    from hybrid.pipeline import DTYPES, HybridPipeline
 
     state = PartialState(cpu=not torch.cuda.is_available())  # multi-process CPU runs need cpu=True
     model_dir, metadata_file, out = Path(args.model).resolve(), Path(args.metadata), Path(args.out)
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default n-samples)")
     g.add_argument("--grid", action="store_true", help="also write grid.png per prompt")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     g.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     g.add_argument("--overwrite", action="store_true", help="delete an existing run in --out and start over")
     m = sub.add_parser("make-metadata", help="shapes-world prompt files in GenEval's schema")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hybrid.pipeline import HybridPipeline
+    from hybrid.pipeline import DTYPES, HybridPipeline
 
 DEFAULT_MODEL = "runs/tiny/final"  # where `make demo` puts its exported model
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -156,7 +156,7 @@ def model_dir(arg: str | None) -> Path:
 def load(args: argparse.Namespace, folder: Path | None = None) -> HybridPipeline:
     import torch
 
-    from hybrid.pipeline import HybridPipeline
+    from hybrid.pipeline import DTYPES, HybridPipeline
 
     folder = folder or model_dir(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,7 +164,7 @@ def load(args: argparse.Namespace, folder: Path | None = None) -> HybridPipeline
         raise CLIError(f"--device {device}: CUDA is not available here; use --device cpu")
     on_cuda = torch.device(device).type == "cuda"
     name = {"auto": "bf16" if on_cuda else "fp32"}.get(args.dtype, args.dtype)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    dtype = DTYPES[name]
     # stderr: stdout carries only results (paths, answers), so it can be piped
     print(f"loading {folder} ({device}, {name})...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()

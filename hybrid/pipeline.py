@@ -44,6 +44,9 @@ from hybrid.sequence import ImageSegment, SpecialIds, TokenizedSample, tokenize_
 from schedulers import Scheduler, get_scheduler, scheduler_from_dict
 
 SCHEDULER_FILE = "scheduler.json"
+# dtype names the entry points accept (the CLI, the eval drivers, the toolkit adapters)
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 ImageLike = Image.Image | str | Path | Tensor
 Seed = int | Sequence[int] | None
 # Modes PIL converts to RGB without guessing: palette, grey, alpha (composited on white), CMYK.
@@ -551,9 +554,13 @@ def _find_stop(text: str, stop: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def to_uint8(pixels: Tensor) -> np.ndarray:
+    """(n, 3, H, W) floats in [0, 1] -> (n, H, W, 3) uint8 numpy, as PIL and the detector want."""
+    return (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def _to_pil(pixels: Tensor) -> list[Image.Image]:
-    arr = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8(pixels)]
 
 
 class _NoBar:

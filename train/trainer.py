@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from encoders.latents import build_codec
 from encoders.siglip import SiglipEncoder
-from hybrid.pipeline import HybridPipeline
+from hybrid.pipeline import HybridPipeline, to_uint8  # to_uint8: also the vq stage's and sample_eval's
 from hybrid.losses import hybrid_loss
 from hybrid.model import HybridModel
 from hybrid.sampling import generate_images, scheduler_for
@@ -162,11 +162,6 @@ def sample_prompts(world: ShapesWorld, n: int, heldout: bool) -> list[dict]:
         return [{**r, "split": split} for i in range(per_tag) for r in rows[i::per_tag]]
 
     return spread("train")[: n - n_held] + (spread("heldout")[:n_held] if n_held else [])
-
-
-def to_uint8(pixels: torch.Tensor):
-    """(n, 3, H, W) floats in [0, 1] -> (n, H, W, 3) uint8 numpy, as PIL and the detector want."""
-    return (pixels.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def score_samples(pixels: torch.Tensor, rows: list[dict]) -> dict[str, float]:
