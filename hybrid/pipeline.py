@@ -29,9 +29,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
+from encoders.images import ImageError, check_size, fit_square, open_image, to_rgb
 from encoders.latents import PixelCodec
 from hybrid.checkpoint import CONFIG, load_pretrained_model, save_pretrained_model
 from hybrid.config import HybridConfig
@@ -49,8 +50,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 ImageLike = Image.Image | str | Path | Tensor
 Seed = int | Sequence[int] | None
-# Modes PIL converts to RGB without guessing: palette, grey, alpha (composited on white), CMYK.
-SAFE_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV")
+# load_image's messages for encoders.images' problems (training data counts them by reason instead)
+_IMAGE_PROBLEM = {
+    "zero_size": "{where} has zero size ({detail})",
+    "corrupt_image": "{where} is not a readable image ({detail})",
+    "too_large": "{where} is too large to decode ({detail})",
+    "unsupported_mode": "{where}: {detail}; convert it to 8-bit RGB first",
+}
 
 
 @dataclass
@@ -193,45 +199,37 @@ class HybridPipeline:
     # ---------------------------------------------------------------- inputs
     def load_image(self, image: ImageLike) -> Tensor:
         """A path, PIL image or (3, H, W) float tensor in [0, 1] -> (3, S, S) at the model's image
-        size. Safe conversions happen (palette / grey / alpha / CMYK -> RGB; a non-square image is
-        padded to a square with grey, as Janus does; a resize to S); anything else is an error."""
+        size, decoded by ``encoders.images`` as training data is: a file is read upright (EXIF
+        orientation), palette / grey / alpha (on white) / CMYK / ... become RGB, 16-bit grey is
+        scaled to 8 bit; float and other modes are an error. Unlike training's centre crop, a
+        non-square image is padded to a square with grey, as Janus does, then resized to S."""
         S = self.config.image_size
-        if isinstance(image, (str, Path)):
-            p = Path(image)
-            if not p.is_file():
-                raise FileNotFoundError(f"image file {p} does not exist")
-            try:
-                with Image.open(p) as im:
-                    im.load()
-                    image = ImageOps.exif_transpose(im)  # as a viewer shows it (camera orientation)
-            except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"{p} is not a readable image ({e})") from e
-        if isinstance(image, Tensor):
-            if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
-                raise ValueError(f"an image tensor must be float (3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}")
-            image = image.detach().float().cpu()
-            if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
-                raise ValueError("an image tensor must hold finite values in [0, 1]")
-            image = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"expected an image path, PIL image or tensor, got {type(image).__name__}")
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"image has zero size ({image.width}x{image.height})")
-        if image.mode not in SAFE_MODES:
-            raise ValueError(f"image mode {image.mode!r} (e.g. 16-bit or float) has no safe conversion to RGB; "
-                             f"convert it to 8-bit RGB first")
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(bg, rgba)
-        image = image.convert("RGB")
-        if image.width != image.height:
-            side = max(image.size)
-            square = Image.new("RGB", (side, side), (127, 127, 127))
-            square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-            image = square
-        if image.size != (S, S):
-            image = image.resize((S, S), Image.BICUBIC)
+        where = "image"  # what error messages call it: the file, or just "image"
+        try:
+            if isinstance(image, (str, Path)):
+                p = Path(image)
+                if not p.is_file():
+                    raise FileNotFoundError(f"image file {p} does not exist")
+                try:
+                    data = p.read_bytes()
+                except OSError as e:
+                    raise ValueError(f"{p} is not a readable image ({e})") from None
+                where = str(p)
+                # max_pixels=None: a prompt's photo may be large; only PIL's bomb limit applies
+                image = open_image(data, where, max_pixels=None)
+            if isinstance(image, Tensor):
+                if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+                    raise ValueError(f"an image tensor must be float (3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}")
+                image = image.detach().float().cpu()
+                if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+                    raise ValueError("an image tensor must hold finite values in [0, 1]")
+                image = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"expected an image path, PIL image or tensor, got {type(image).__name__}")
+            check_size(image.size, where)
+            image = fit_square(to_rgb(image, where), S, "pad")
+        except ImageError as e:
+            raise ValueError(_IMAGE_PROBLEM[e.reason].format(where=e.where, detail=e.detail)) from None
         arr = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3)
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, S, S)
 

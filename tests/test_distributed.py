@@ -2,7 +2,9 @@
 the shipped config (train/accelerate/deepspeed_zero2.yaml, overridden to 2 CPU processes in fp32).
 
 One 2-process run of the `debug` model (global batch 2 x 4) saves a checkpoint at step 3 and
-finishes at step 6. It is checked against
+finishes at step 6; step 2's loss is made NaN on purpose (fault_nan_steps), so the non-finite
+guard is exercised under DeepSpeed, whose engine steps inside `backward` (it must skip that
+update itself, and the trainer checks that it did). It is checked against
   * a single process without DeepSpeed with the same global batch (batch 4 x grad_accum 2): the
     same samples and the same diffusion noise per step (noise is seeded by global batch number),
     so the logged step losses (mean over micro-batches and processes) agree to rel 1e-5 and the
@@ -35,7 +37,8 @@ pytest.importorskip("deepspeed")
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = "train/configs/debug.yaml"
 ZERO2 = "train/accelerate/deepspeed_zero2.yaml"
-COMMON = ["steps=6", "save_every=3", "log_every=1", "batch_size=4", "sample_every=1000"]
+ZERO3 = "train/accelerate/deepspeed_zero3.yaml"
+COMMON = ["steps=6", "save_every=3", "log_every=1", "batch_size=4", "sample_every=1000", "fault_nan_steps=[2]"]
 
 
 def free_port() -> int:
@@ -44,9 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, *extra: str) -> str:
+def launch(out: Path, *extra: str, config: str = ZERO2) -> str:
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--config_file", ZERO2, "--num_processes", "2", "--mixed_precision", "no",
+    cmd = [str(accelerate), "launch", "--config_file", config, "--num_processes", "2", "--mixed_precision", "no",
            "--main_process_port", str(free_port()), "-m", "train", DEBUG, f"output_dir={out}", *COMMON, *extra]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -55,11 +58,23 @@ def launch(out: Path, *extra: str) -> str:
 
 
 def losses(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r}
+    return {r["step"]: r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if "text_loss" in r or "skipped" in r}
 
 
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "final" / "model.safetensors")
+def assert_same_losses(got: dict, ref: dict, steps, rel: float) -> None:
+    """Logged steps agree; the faulted step is skipped in both (its loss is not finite)."""
+    for s in steps:
+        assert ("skipped" in got[s]) == ("skipped" in ref[s]), (s, got[s], ref[s])
+        if "skipped" in ref[s]:
+            assert got[s]["skipped"] == ref[s]["skipped"] == "non-finite loss", s
+            continue
+        for k in ("loss", "text_loss", "image_loss", "grad_norm"):
+            assert got[s][k] == pytest.approx(ref[s][k], rel=rel), (s, k)
+
+
+def weights(out: Path, folder: str = "final") -> dict[str, torch.Tensor]:
+    return load_file(out / folder / "model.safetensors")
 
 
 def test_deepspeed_zero2_two_cpu_processes_match_one_and_resume_exactly(tmp_path):
@@ -75,9 +90,8 @@ def test_deepspeed_zero2_two_cpu_processes_match_one_and_resume_exactly(tmp_path
     assert main([DEBUG, f"output_dir={single}", *COMMON, "grad_accum=2"]) == 0
     a, b = losses(single), losses(ds)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
-    for s in a:
-        for k in ("loss", "text_loss", "image_loss", "grad_norm"):
-            assert b[s][k] == pytest.approx(a[s][k], rel=1e-5), (s, k)
+    assert "skipped" in b[2]
+    assert_same_losses(b, a, a, rel=1e-5)
     wa, wb = weights(single), weights(ds)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -91,33 +105,29 @@ def test_deepspeed_zero2_two_cpu_processes_match_one_and_resume_exactly(tmp_path
     assert "at step 3" in launch(resumed)  # "resumed from .../step_0000003 at step 3"
     c = losses(resumed)
     assert sorted(c) == [1, 2, 3, 4, 5, 6]
-    for s in (4, 5, 6):
-        for k in ("loss", "text_loss", "image_loss", "grad_norm"):
-            assert c[s][k] == pytest.approx(b[s][k], rel=1e-6), (s, k)
+    assert_same_losses(c, b, (4, 5, 6), rel=1e-6)
     wc = weights(resumed)
     for k in wb:
         torch.testing.assert_close(wc[k], wb[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_deepspeed_zero3_two_cpu_processes_export_the_full_model(tmp_path):
+def test_deepspeed_zero3_two_cpu_processes_resume_and_export_the_full_model(tmp_path):
     """ZeRO-3 shards the parameters themselves: sampling must run on every process and the export
-    must gather them (get_state_dict, zero3_save_16bit_model). The exported folder is complete and
-    equals a single-process run with the same global batch (tolerances as above; measured 5e-5)."""
-    cmd_extra = ["steps=3", "save_every=3"]
+    must gather them (get_state_dict, zero3_save_16bit_model). A 4-step run (checkpoint at 2; step
+    3 NaN on purpose, skipped) equals a single-process run with the same global batch (tolerances
+    as above; measured 5e-5), its exported folder is complete, and the run killed after its
+    step-2 checkpoint and relaunched finishes with the same losses and weights. The EMA is kept
+    per rank on its partition (no gather per step) and checkpointed per rank; its export
+    (final_ema/) equals the single process's EMA too."""
+    extra = ["steps=4", "save_every=2", "fault_nan_steps=[3]", "ema_decay=0.5"]
     ds = tmp_path / "zero3"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--config_file", "train/accelerate/deepspeed_zero3.yaml", "--num_processes", "2",
-           "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "train", DEBUG,
-           f"output_dir={ds}", *COMMON, *cmd_extra]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    launch(ds, *extra, config=ZERO3)
     single = tmp_path / "single"
-    assert main([DEBUG, f"output_dir={single}", *COMMON, *cmd_extra, "grad_accum=2"]) == 0
+    assert main([DEBUG, f"output_dir={single}", *COMMON, *extra, "grad_accum=2"]) == 0
     a, b = losses(single), losses(ds)
-    assert sorted(a) == sorted(b) == [1, 2, 3]
-    for s in a:
-        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5), s
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert "skipped" in b[3]
+    assert_same_losses(b, a, a, rel=1e-5)
     wa, wb = weights(single), weights(ds)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -126,3 +136,22 @@ def test_deepspeed_zero3_two_cpu_processes_export_the_full_model(tmp_path):
     from hybrid.checkpoint import load_pretrained_model
 
     load_pretrained_model(ds / "final")  # loads strictly: nothing missing
+    assert sorted(p.name for p in (ds / "checkpoints" / "step_0000002").glob("run_objects*")) == [
+        "run_objects.safetensors", "run_objects_rank0.safetensors", "run_objects_rank1.safetensors"]
+    ea, eb = weights(single, "final_ema"), weights(ds, "final_ema")
+    assert any(not torch.equal(ea[k], wa[k]) for k in ea)  # the EMA is not the weights
+    for k in ea:
+        torch.testing.assert_close(eb[k], ea[k], rtol=0, atol=1e-3, msg=k)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ds, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_0000004")
+    shutil.rmtree(resumed / "final")
+    assert "at step 2" in launch(resumed, *extra, config=ZERO3)
+    c = losses(resumed)
+    assert sorted(c) == [1, 2, 3, 4]
+    assert_same_losses(c, b, (3, 4), rel=1e-6)
+    wc, ec = weights(resumed), weights(resumed, "final_ema")
+    for k in wb:
+        torch.testing.assert_close(wc[k], wb[k], rtol=0, atol=1e-6, msg=k)
+        torch.testing.assert_close(ec[k], eb[k], rtol=0, atol=1e-6, msg=k)

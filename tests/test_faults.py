@@ -237,13 +237,23 @@ def test_manifest_with_bad_records_trains_and_counts_skips(tmp_path, tok, capsys
     recs = [r for r in records(out) if "text_loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(r["loss"] == r["loss"] for r in recs)
-    assert recs[-1]["skipped_items"] == expected  # all 11 read by step 3, none twice
+    # counted as trained on, not as read ahead: step 1 has indices 0..3 (3 bad), step 2 4..7, step 3 8..11
+    per_step = [dict(Counter(why for _, why in TRAINER_BAD[:n])) for n in (3, 7, 11)]
+    assert [r["skipped_items"] for r in recs] == per_step
+    assert recs[-1]["skipped_items"] == expected  # all 11, none twice
     printed = capsys.readouterr().out
     line = "data: skipped 11 items: " + ", ".join(f"{k}={expected[k]}" for k in sorted(expected, key=[
         "missing_file", "zero_size", "corrupt_image", "unsupported_mode", "too_large", "empty_text",
         "long_text", "bad_record"].index))
     assert line in printed, printed
     assert (out / "final" / "model.safetensors").is_file()
+    # stopped after step 2 and resumed (with 2 loader workers reading ahead): the same counts, the
+    # resumed invocation adds to the checkpoint's instead of starting from 0 or recounting
+    cut = tmp_path / "cut"
+    assert main(args(cut, tok, f"data={manifest}", "steps=3", "log_every=1", "save_every=100", "stop_at=2")) == 0
+    assert main(args(cut, tok, f"data={manifest}", "steps=3", "log_every=1", "save_every=100", "num_workers=2")) == 0
+    assert [r["skipped_items"] for r in records(cut) if "text_loss" in r] == per_step
+    assert line in capsys.readouterr().out
     # data_on_error=raise: the first bad record stops the run, naming its file and reason
     with pytest.raises(BadItemError, match="corrupt.png: corrupt_image"):
         main(args(tmp_path / "strict", tok, f"data={manifest}", "steps=3", "data_on_error=raise"))

@@ -290,8 +290,15 @@ def test_images_are_converted_where_safe_and_refused_otherwise(tokenizer, tmp_pa
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="not a readable image"):
         pipe.load_image(tmp_path / "bad.png")
-    with pytest.raises(ValueError, match="I;16"):
-        pipe.load_image(Image.new("I;16", (32, 32)))
+    # 16-bit grey is scaled to 8 bit (value * 255 // 65535), as training data is
+    i16 = Image.fromarray(np.array([[65535, 32896], [0, 257]], dtype=np.uint16).repeat(16, 0).repeat(16, 1))
+    assert i16.mode == "I;16"
+    x = pipe.load_image(i16)
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+    assert x[0, 0, 0] == 1.0 and x[0, 31, 0] == 0.0 and x[0, 31, 31] == 1 / 255
+    assert abs(x[0, 0, 31].item() - 0.5) < 0.003  # 32896 -> 128
+    with pytest.raises(ValueError, match="'F'"):
+        pipe.load_image(Image.new("F", (32, 32)))
     with pytest.raises(ValueError, match="'La'"):  # premultiplied alpha: no safe conversion in PIL
         pipe.load_image(Image.new("La", (32, 32)))
     assert torch.equal(pipe.load_image(photo(0).convert("RGBX")), rgb)

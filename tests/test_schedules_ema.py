@@ -137,29 +137,74 @@ def test_ema_state_dict_round_trip_and_swapped():
         ema.update(nn.Sequential(m))  # a wrapper's prefixed names do not match
 
 
-def test_ema_checkpointed_by_accelerate(tmp_path):
+def test_ema_and_lr_schedule_checkpointed_without_pickle(tmp_path):
+    """The trainer's save_run / resume_run round trip: the EMA and the LR schedule come back from
+    run_objects.safetensors; the checkpoint holds no pickle of them (accelerate would load a
+    registered object with weights_only=False)."""
     from accelerate import Accelerator
+
+    from train.trainer import resume_run, save_run
 
     accelerator = Accelerator(cpu=True)
     m = tiny()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     m, opt = accelerator.prepare(m, opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, build_lr_lambda("wsd", 2, 10, 0.1, 0.3))
     ema = EMA(accelerator.unwrap_model(m), decay=0.8, warmup=True)
-    accelerator.register_for_checkpointing(ema)
+    objects = {"lr_schedule": sched, "ema": ema}
     for _ in range(3):
         m(torch.randn(5, 3)).square().mean().backward()
         opt.step()
         opt.zero_grad()
+        sched.step()
         ema.update(accelerator.unwrap_model(m))
     saved = {n: s.clone() for n, s in ema.shadow.items()}
-    accelerator.save_state(str(tmp_path / "ckpt"))
+    saved_sched = sched.state_dict()
+    save_run(accelerator, tmp_path, 3, "arch", {"a": 1}, keep=2, objects=objects)
+    ckpt = tmp_path / "checkpoints" / "step_0000003"
+    assert not list(ckpt.glob("custom_checkpoint_*")), "run objects must not be pickled"
     perturb(m, 9)
     ema.update(accelerator.unwrap_model(m))
-    assert ema.num_updates == 4
-    accelerator.load_state(str(tmp_path / "ckpt"))
+    sched.step()
+    assert ema.num_updates == 4 and sched.last_epoch == 4
+    assert resume_run(accelerator, tmp_path, "auto", "arch", {"a": 1}, objects) == 3
     assert ema.num_updates == 3 and ema.warmup and ema.decay == 0.8
     for n, s in ema.shadow.items():
         assert torch.equal(s, saved[n])
+    assert sched.state_dict() == saved_sched
+    # a checkpoint without them is refused by name, not silently resumed with fresh ones
+    (ckpt / "run_objects.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="lr_schedule, ema"):
+        resume_run(accelerator, tmp_path, "auto", "arch", {"a": 1}, objects)
+
+
+def test_state_io_round_trip_and_refusals(tmp_path):
+    from train.state_io import load_objects, save_objects
+
+    class Box:
+        def __init__(self, state):
+            self.state = state
+
+        def state_dict(self):
+            return self.state
+
+        def load_state_dict(self, state):
+            self.state = state
+
+    state = {"t": torch.arange(6, dtype=torch.int64).view(2, 3), "nested": {"x": torch.ones(2, dtype=torch.bfloat16),
+             "ys": [torch.zeros(0), 1.5, None, "s"]}, 3: float("inf"), "f": 0.1 + 0.2, "flag": True}
+    save_objects({"box": Box(state)}, tmp_path / "o.safetensors")
+    out = Box(None)
+    load_objects({"box": out}, tmp_path / "o.safetensors")
+    got = out.state
+    assert set(got) == {"t", "nested", 3, "f", "flag"}  # the int key stays an int
+    assert torch.equal(got["t"], state["t"]) and got["nested"]["x"].dtype == torch.bfloat16
+    assert got["nested"]["ys"][0].shape == (0,) and got["nested"]["ys"][1:] == [1.5, None, "s"]
+    assert got[3] == math.inf and got["f"] == 0.1 + 0.2 and got["flag"] is True
+    with pytest.raises(KeyError, match="other"):
+        load_objects({"other": out}, tmp_path / "o.safetensors")
+    with pytest.raises(TypeError, match="without pickle"):
+        save_objects({"box": Box({"fn": print})}, tmp_path / "p.safetensors")
 
 
 # --- activation checkpointing -----------------------------------------------------------------

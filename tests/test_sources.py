@@ -6,7 +6,6 @@ kind, as a JSONL manifest and as webdataset shards.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import struct
@@ -388,18 +387,173 @@ def test_parse_data_spec():
             parse_data_spec(bad)
 
 
-def test_hf_folder(tmp_path, data):
-    if importlib.util.find_spec("datasets") is None:
-        with pytest.raises(ImportError, match="datasets"):
-            HFDatasetSource(tmp_path, S)
-        pytest.skip("the `datasets` package is not installed")
+# ------------------------------------------------------------------ Hugging Face datasets folder
+
+# Caption rows (image file, text) with one of each problem a row can have; the same rows as a JSONL
+# manifest are the reference: the folder must load and count exactly like it.
+HF_ROWS = [
+    ("rgb.png", "a photo of a red circle"),
+    ("corrupt.png", "x y"),
+    ("l.png", "a photo of a green triangle"),
+    ("rgb2.png", "   "),
+    ("wide.png", "a photo of two blue squares"),
+    ("big.png", "x y"),
+    ("rgba.png", "a photo of a yellow circle"),
+    ("truncated.png", "x y"),
+    ("p.png", "long " * 60),
+    ("i16.png", "a photo of a blue circle"),
+    ("missing.png", "x y"),
+    ("cmyk.tif", "a photo of a red circle"),
+    ("empty.png", "x y"),
+    ("exif.png", "a photo of a red square"),
+    ("float.tif", "x y"),
+]
+HF_EXPECTED = {"corrupt_image": 2, "empty_text": 1, "too_large": 1, "long_text": 1, "missing_file": 1,
+               "zero_size": 1, "unsupported_mode": 1}
+HF_FORMS = ("image_bytes", "image_pil", "binary", "path")
+
+
+def save_hf(folder: Path, data: Path, form: str, img_col: str = "img", text_col: str = "caption",
+            rows=HF_ROWS) -> Path:
+    """The rows as a ``save_to_disk`` folder, the image column in one of the forms a datasets folder
+    holds: a ``datasets.Image`` written from file bytes ("image_bytes") or from decoded in-memory
+    PIL images ("image_pil"), a binary column, or a string column of file paths. A missing file is
+    a null image (a path to nothing in the "path" form)."""
+    import datasets  # a dependency: no skip when it is missing
+
+    def cell(name: str):
+        f = data / name
+        if form == "path":
+            return str(f)
+        if not f.exists():
+            return None
+        raw = f.read_bytes()
+        if form == "binary":
+            return raw
+        if form == "image_pil" and name != "exif.png":  # re-encoding would drop the EXIF tag
+            try:
+                with Image.open(io.BytesIO(raw)) as im:
+                    im.load()
+                    return im.copy()  # in memory (no filename): datasets encodes its pixels
+            except (OSError, ValueError):  # undecodable: stored as the bytes it is
+                return {"bytes": raw, "path": None}
+        return {"bytes": raw, "path": None}
+
+    image_feature = {"image_bytes": datasets.Image(decode=False), "image_pil": datasets.Image(),
+                     "binary": datasets.Value("binary"), "path": datasets.Value("string")}[form]
+    features = datasets.Features({img_col: image_feature, text_col: datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({img_col: [cell(n) for n, _ in rows], text_col: [t for _, t in rows]},
+                                    features=features)
+    ds.save_to_disk(str(folder))
+    return folder
+
+
+def hf_twin_manifest(data: Path, rows=HF_ROWS) -> Path:
+    m = data / "hf_twin.jsonl"
+    m.write_text("".join(json.dumps({"type": "caption", "image": n, "text": t}) + "\n" for n, t in rows))
+    return m
+
+
+@pytest.mark.parametrize("form", HF_FORMS)
+def test_hf_folder_loads_and_counts_like_jsonl(form, tmp_path, data):
+    folder = save_hf(tmp_path / "hf", data, form)
+    kw = {"max_pixels": MAX_PIXELS, "max_chars": MAX_CHARS, "caption_dropout": 0.5, "seed": 3}
+    src = HFDatasetSource(folder, S, columns={"image": "img", "text": "caption"}, **kw)
+    ref = JsonlSource(hf_twin_manifest(data), S, **kw)
+    assert src.n_records == ref.n_records == len(HF_ROWS)
+    problems = list(iter_problems(src))
+    assert [b.reason for b in problems] == [b.reason for b in iter_problems(ref)]
+    # a problem names the row, or the file a path column points to
+    assert all(b.path.startswith(f"{folder}[") or (form == "path" and b.path.startswith(str(data)))
+               for b in problems)
+    items, ref_items = [src[i] for i in range(len(src))], [ref[i] for i in range(len(ref))]
+    assert src.counter.as_dict() == ref.counter.as_dict() == HF_EXPECTED  # one pass: each bad row once
+    for a, b in zip(items, ref_items):  # a bad row yields the next good one, in both
+        assert a["segments"][0] == b["segments"][0] and a["drop_caption"] == b["drop_caption"]
+        assert np.array_equal(np.asarray(a["segments"][1]), np.asarray(b["segments"][1]))
+    assert any(it["drop_caption"] for it in items) and not all(it["drop_caption"] for it in items)
+    ex = np.asarray(src.load(13)["segments"][1])  # EXIF orientation applied: rotated upright
+    assert ex[2, -2, 0] > 200 and ex[2, -2, 2] < 50 and ex[-2, 2, 2] > 200
+    on_raise = HFDatasetSource(folder, S, columns={"image": "img", "text": "caption"}, on_error="raise", **kw)
+    with pytest.raises(BadItemError, match=r"(hf\[1\]|corrupt\.png): corrupt_image"):
+        on_raise[1]
+    with pytest.raises(BadItemError, match="empty_text"):
+        on_raise[3]
+
+
+def test_hf_folder_vqa_columns(tmp_path, data):
     import datasets
 
-    names = ["rgb.png", "l.png", "corrupt.png", "big.png"]
-    ds = datasets.Dataset.from_dict({"img": [{"bytes": (data / n).read_bytes(), "path": None} for n in names],
-                                     "caption": ["a b", "c d", "e f", "g h"]})
-    ds.cast_column("img", datasets.Image(decode=False)).save_to_disk(str(tmp_path / "hf"))
-    src = HFDatasetSource(tmp_path / "hf", S, columns={"image": "img", "text": "caption"}, max_pixels=MAX_PIXELS)
-    assert [b.reason for b in iter_problems(src)] == ["corrupt_image", "too_large"]
-    assert np.array_equal(np.asarray(src[1]["segments"][1]), np.asarray(Image.open(data / "l.png").convert("RGB")))
-    assert src[2]["segments"][0] == "a b" and src.counter.as_dict() == {"corrupt_image": 1}
+    ds = datasets.Dataset.from_dict({"picture": [{"bytes": (data / "rgb.png").read_bytes(), "path": None}],
+                                     "q": ["What colour?"], "a": ["red"], "other": ["ignored"]},
+                                    features=datasets.Features({"picture": datasets.Image(), "q": datasets.Value("string"),
+                                                                "a": datasets.Value("string"),
+                                                                "other": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "vqa"))
+    src = HFDatasetSource(tmp_path / "vqa", S, columns={"image": "picture", "question": "q", "answer": "a"})
+    segs = src[0]["segments"]
+    assert isinstance(segs[0], ImageSegment) and segs[0].role == "und"
+    assert np.array_equal(np.asarray(segs[0].image), np.asarray(Image.open(data / "rgb.png").convert("RGB")))
+    assert segs[1] == TextSegment("What colour?", loss=False) and segs[2] == " red"
+    assert src.ds.column_names == ["picture", "q", "a"]  # unmapped columns are never read
+    with pytest.raises(ValueError, match="columns must map exactly"):
+        HFDatasetSource(tmp_path / "vqa", S, columns={"image": "picture", "question": "q"})
+    with pytest.raises(ValueError, match=r"no column \['image', 'text'\]"):
+        HFDatasetSource(tmp_path / "vqa", S)  # the default columns: image, text
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(ValueError, match=r"splits \['test', 'train'\]"):
+        HFDatasetSource(tmp_path / "splits", S, columns={"image": "picture", "question": "q", "answer": "a"})
+    assert len(HFDatasetSource(tmp_path / "splits" / "train", S,
+                               columns={"image": "picture", "question": "q", "answer": "a"})) == 1
+
+
+def test_hf_folder_through_the_trainer_spec(tmp_path, data, tokenizer, debug_cfg):
+    """As train.trainer builds its data: ``data=<folder>`` (default columns image / text), and a
+    folder mixed with a manifest; collated and packed by SampleBuilder in DataLoader workers."""
+    folder = save_hf(tmp_path / "hf", data, "image_bytes", img_col="image", text_col="text")
+    builder = SampleBuilder(tokenizer, debug_cfg, seq_len=128, truncate_long=False)
+    kw = {"seed": 0, "caption_dropout": 0.1, "limit": SampleLimit.from_builder(builder), "on_error": "skip",
+          "max_pixels": MAX_PIXELS}
+    spec = parse_data_spec(str(folder))
+    assert spec == [{"path": str(folder)}]
+    src = build_sources(spec, S, 10_000_000, **kw)  # the trainer's length
+    assert isinstance(src, HFDatasetSource) and len(src) == 10_000_000
+    n = len(HF_ROWS)
+    assert src[n + 2]["segments"][0] == HF_ROWS[2][1]  # sequential, wrapping around
+    one_pass = build_sources(spec, S, n, **kw)  # the loader's read-ahead must not wrap around here
+    batches = list(DataLoader(one_pass, batch_size=5, num_workers=2, collate_fn=builder))
+    assert len(batches) == n // 5 and all(b.input_ids.shape[1] == 128 for b in batches)
+    assert sum(b.gen_images.shape[0] for b in batches) == n  # a bad row yields the next good one
+    # counted across the workers as one serial scan counts (max_chars is the default 100000 here:
+    # the long caption is refused by the 128-token context instead)
+    serial = Counter(b.reason for b in iter_problems(build_sources(spec, S, n, **kw)))
+    assert one_pass.counter.as_dict() == dict(serial) == HF_EXPECTED
+    manifest = _good_manifest(tmp_path / "m", "m", 3, "a photo of two blue squares")
+    mixed = build_sources(parse_data_spec(f"{folder}=1,{manifest}=1"), S, 400, **kw)
+    assert isinstance(mixed, MixedSource) and isinstance(mixed.sources[0], HFDatasetSource)
+    texts = Counter(mixed[i]["segments"][0] for i in range(40))
+    assert texts["a photo of two blue squares"] > 10 and texts["a photo of a red circle"] > 0
+
+
+def test_hf_folder_validate(tmp_path, data, capsys):
+    folder = save_hf(tmp_path / "hf", data, "image_pil")
+    rc = validate_main([str(folder), "--columns", "image=img,text=caption", "--image-size", str(S),
+                        "--max-pixels", str(MAX_PIXELS), "--max-chars", str(MAX_CHARS)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 1
+    assert Counter(line.split(": ")[1].split(" ")[0] for line in out[:-1]) == Counter(HF_EXPECTED)
+    assert out[0].startswith(f"{folder}[1]: corrupt_image")
+    assert out[-1].startswith(f"skipped {sum(HF_EXPECTED.values())} items: ") and f"{len(HF_ROWS)} records" in out[-1]
+    assert validate_main([str(folder)]) == 2  # default columns image / text: not in this folder
+    assert "no column" in capsys.readouterr().err
+    assert validate_main([str(data / "manifest.jsonl"), "--columns", "image=img,text=caption"]) == 2
+    assert "datasets folder only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        validate_main([str(folder), "--columns", "img"])
+    # the command line, on a clean folder with the default column names
+    good = [r for r in HF_ROWS if r[0] in ("rgb.png", "l.png", "wide.png")]
+    clean = save_hf(tmp_path / "clean", data, "image_bytes", img_col="image", text_col="text", rows=good)
+    r = subprocess.run([sys.executable, "-m", "train.validate", str(clean)], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().startswith("skipped 0 items") and "3 records" in r.stdout

@@ -7,33 +7,38 @@ update (n = 0, 1, ...; the usual warmup of TensorFlow's / timm's EMA), so early 
 dominated by the random initialisation.
 
 The shadow is kept in fp32 on the parameters' device, keyed by parameter name, so it can be
-checkpointed with ``accelerator.register_for_checkpointing(ema)`` (``state_dict`` /
-``load_state_dict``) and copied into the live model for evaluation or export (``copy_to``,
+checkpointed with the run (``state_dict`` / ``load_state_dict``, saved without pickle by
+train/state_io.py) and copied into the live model for evaluation or export (``copy_to``,
 ``swapped``).
 
 Always pass the *unwrapped* module (``accelerator.unwrap_model(model)``): DDP / DeepSpeed wrappers
-prefix parameter names. With DeepSpeed ZeRO-1/2 every rank holds full parameters, so the update is
-local and identical on all ranks. Under ZeRO-3 parameters are partitioned (each rank holds an
-empty placeholder); this class refuses them rather than silently averaging placeholders. Gathering
-every step (``deepspeed.zero.GatheredParameters``) would work but costs a full all-gather per step.
+prefix parameter names. With DDP and DeepSpeed ZeRO-1/2 every rank holds full parameters, so the
+update is local and identical on all ranks (``sharded`` is False: one copy is checkpointed).
+Under ZeRO-3 each rank owns one flat partition of every parameter (``p.ds_tensor``; the
+parameter itself is a placeholder, or a gathered copy for small "persistent" ones): the EMA then
+follows that partition (``sharded`` is True), so it costs 1/N of the model per rank and no
+communication per step, and each rank checkpoints its own shadow. ``full_weights`` all-gathers the
+partitions one parameter at a time for the export; ``copy_to`` / ``swapped`` need full
+parameters and refuse a sharded EMA.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    partitioned = [name for name, p in params.items() if hasattr(p, "ds_id") and p.numel() == 0]
-    if partitioned:
-        raise NotImplementedError(f"EMA got ZeRO-3 partitioned parameters ({partitioned[0]}, ...): gather them "
-                                  f"or use ZeRO stage 1/2")
-    return params
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensor the EMA follows per trainable parameter: the parameter, or this rank's ZeRO-3
+    partition of it (the one the optimizer updates, whether the parameter is gathered or not)."""
+    return {name: p.ds_tensor if _zero3(p) else p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _zero3(p: torch.Tensor) -> bool:
+    return getattr(p, "ds_tensor", None) is not None
 
 
 class EMA:
@@ -41,6 +46,7 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay, self.warmup, self.num_updates = decay, warmup, 0
+        self.sharded = any(_zero3(p) for p in model.parameters())
         self.shadow: dict[str, torch.Tensor] = {
             name: p.detach().float().clone() for name, p in _trainable(model).items()}
 
@@ -50,9 +56,9 @@ class EMA:
             return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         return self.decay
 
-    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def _params(self, model: nn.Module) -> dict[str, torch.Tensor]:
         params = _trainable(model)
-        if params.keys() != self.shadow.keys():
+        if params.keys() != self.shadow.keys() or any(p.shape != self.shadow[n].shape for n, p in params.items()):
             missing, extra = sorted(self.shadow.keys() - params.keys()), sorted(params.keys() - self.shadow.keys())
             raise ValueError(f"model does not match the EMA (pass the unwrapped module): missing {missing[:3]}, "
                              f"unexpected {extra[:3]}")
@@ -67,16 +73,36 @@ class EMA:
         self.num_updates += 1
 
     @torch.no_grad()
+    def full_weights(self, model: nn.Module, gather: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The EMA weights by parameter name, full size (fp32). Sharded: every process must call it
+        (``gather`` = ``accelerator.gather``: concatenates a tensor over processes in rank order),
+        which reassembles one parameter at a time from the ranks' partitions."""
+        if not self.sharded:
+            return {k: v.clone() for k, v in self.shadow.items()}
+        params = dict(model.named_parameters())
+        self._params(model)  # the same parameters as when the EMA was made
+        out = {}
+        for name, part in self.shadow.items():
+            p = params[name]
+            out[name] = gather(part)[: p.ds_numel].view(p.ds_shape)  # (N * partition,) -> the parameter's shape
+        return out
+
+    def _full_params(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        if self.sharded:
+            raise ValueError("a sharded (ZeRO-3) EMA cannot be copied into partitioned parameters; use full_weights")
+        return self._params(model)
+
+    @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite the trainable parameters of ``model`` with the EMA weights (cast to their dtype)."""
-        for name, p in self._params(model).items():
+        for name, p in self._full_params(model).items():
             p.copy_(self.shadow[name])
 
     @contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
         """``with ema.swapped(model): evaluate(model)``: EMA weights inside, the live ones restored after
         (also on an exception)."""
-        params = self._params(model)
+        params = self._full_params(model)
         backup = {name: p.detach().clone() for name, p in params.items()}
         self.copy_to(model)
         try:
@@ -93,6 +119,12 @@ class EMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["shadow"].keys() != self.shadow.keys():
             raise ValueError("EMA state does not match this model's trainable parameters")
+        shapes = {k: (tuple(v.shape), tuple(self.shadow[k].shape)) for k, v in state["shadow"].items()
+                  if v.shape != self.shadow[k].shape}
+        if shapes:  # a ZeRO-3 shard saved with another number of processes, most likely
+            name, (got, want) = next(iter(shapes.items()))
+            raise ValueError(f"EMA state has other shapes than this model's parameters (e.g. {name}: {got} vs "
+                             f"{want}); a sharded (ZeRO-3) EMA resumes only with the same number of processes")
         self.decay, self.warmup, self.num_updates = state["decay"], state["warmup"], state["num_updates"]
         for k, v in state["shadow"].items():
             self.shadow[k].copy_(v)  # keeps the shadow's device and fp32

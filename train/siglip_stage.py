@@ -317,9 +317,9 @@ def train(cfg: SiglipTrainConfig) -> Path:
     optimizer = build_optimizer(model, cfg)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    accelerator.register_for_checkpointing(lr_sched)  # stepped once per step, not per process
+    run_objects = {"lr_schedule": lr_sched}  # not prepared: stepped once per step, not per process
 
-    step = resume_run(accelerator, out, cfg.resume, "model_cfg", model_cfg)
+    step = resume_run(accelerator, out, cfg.resume, "model_cfg", model_cfg, run_objects)
 
     unwrapped = accelerator.unwrap_model(model)
     log_file = (out / "log.jsonl").open("a") if main else None
@@ -345,7 +345,7 @@ def train(cfg: SiglipTrainConfig) -> Path:
         return res
 
     def checkpoint(at: int) -> None:
-        save_run(accelerator, out, at, "model_cfg", model_cfg, cfg.keep_checkpoints)
+        save_run(accelerator, out, at, "model_cfg", model_cfg, cfg.keep_checkpoints, objects=run_objects)
 
     model.train()
     end = min(cfg.steps, cfg.stop_at or cfg.steps)

@@ -20,14 +20,18 @@ the first dot of the file name). ``key.txt`` + ``key.png|jpg|jpeg|webp`` is a ca
 extension (``{"type": "vqa", "image": "png", ...}``, ``{"image": "1.png"}`` for ``key.1.png``).
 Members are read in place, never extracted; non-regular members (links, devices) are ignored.
 
-Image policy (``decode_image``): EXIF orientation is applied; L, LA, 1, P, PA, RGBA, RGBX,
-CMYK, YCbCr are converted to RGB (alpha composited on white); 16-bit / 32-bit integer grey
-("I;16*", "I") is scaled to 8 bit (value * 255 / 65535, "I" clipped to 0..65535 first); float
-("F") and any other mode is refused as ``unsupported_mode``. With ``convert_modes=False`` every
-non-RGB image is refused instead. The image is resized (bicubic) so its shorter side is
-``image_size`` and center-cropped to a square; an image already at ``image_size`` is untouched.
-An image is refused before decoding if its header says width*height > ``max_pixels`` (and
-PIL's own decompression-bomb check is turned into the same reason).
+A Hugging Face ``datasets`` folder (``Dataset.save_to_disk``): one row per caption (or vqa)
+record, its fields read from the columns ``columns=`` names (``HFDatasetSource``).
+
+Image policy (``decode_image``): ``encoders.images``, the decoder the pipeline uses too. EXIF
+orientation is applied; 1, L, LA, P, PA, RGBA, RGBX, CMYK, YCbCr, LAB, HSV are converted to RGB
+(alpha composited on white); 16-bit / 32-bit integer grey ("I;16*", "I") is scaled to 8 bit
+(value * 255 // 65535, "I" clipped to 0..65535 first); float ("F") and any other mode is refused
+as ``unsupported_mode``. With ``convert_modes=False`` every non-RGB image is refused instead. The
+image is resized (bicubic) so its shorter side is ``image_size`` and center-cropped to a square
+(the pipeline pads instead); an image already at ``image_size`` is untouched. An image is refused
+before decoding if its header says width*height > ``max_pixels`` (and PIL's own
+decompression-bomb check is turned into the same reason).
 
 Problems and their reasons: ``missing_file``, ``zero_size`` (empty file or a 0-pixel side),
 ``corrupt_image`` (unidentifiable, truncated, or failing to decode), ``unsupported_mode``,
@@ -39,8 +43,10 @@ schema violation, a webdataset key without usable members).
 ``source[i]`` is the first good record at or after ``i`` (wrapping around), a pure function of
 ``i``, so sequential order and exact resume hold. A bad record is counted only when it is asked
 for at its own index (so one pass counts each bad record exactly once, however many indices
-skip over it) in a ``SkipCounter`` held in shared memory: DataLoader workers (fork or spawn)
-add to the same counts, and the main process prints ``counter.summary()`` at the end.
+skip over it), two ways: the item returned for ``i`` says so (``item["skipped"]`` = the reason,
+else None), so a consumer counts exactly what it trained on, across resumes and read-ahead (the
+trainer does); and a ``SkipCounter`` in shared memory counts what was read, DataLoader workers
+(fork or spawn) included (``counter.summary()``).
 
 Commands::
 
@@ -52,35 +58,36 @@ Commands::
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import multiprocessing
 import os
 import random
 import re
-import struct
 import tarfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from encoders.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    fit_square,
+    open_image,
+    to_rgb,
+)
 from hybrid.sequence import ImageSegment, TextSegment
 
 log = logging.getLogger("train.sources")
 
 REASONS = ("missing_file", "zero_size", "corrupt_image", "unsupported_mode", "too_large",
            "empty_text", "long_text", "bad_record")
-RGB_CONVERTIBLE = ("RGB", "RGBA", "RGBX", "L", "LA", "1", "P", "PA", "CMYK", "YCbCr")
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
-DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_CHARS = 100_000
 
 
@@ -163,63 +170,18 @@ class SampleLimit:
 # ----------------------------------------------------------------------------------- images
 
 
-def _png_zero_side(data: bytes) -> bool:
-    """PIL cannot identify a PNG whose header says 0 wide or high; tell that case apart."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24 or data[12:16] != b"IHDR":
-        return False
-    w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return w == 0 or h == 0
-
-
 def decode_image(data: bytes, where: str, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                  convert_modes: bool = True) -> Image.Image:
     """Image file bytes -> an RGB ``image_size`` x ``image_size`` PIL image, or ``BadItemError``
-    (see the module doc for the policy)."""
-    if len(data) == 0 or _png_zero_side(data):
-        raise _bad("zero_size", where, "empty file" if not data else "0-pixel side")
+    (see the module doc for the policy). The decoding is ``encoders.images``', shared with the
+    pipeline; the geometry here is the training crop."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w == 0 or h == 0:
-                raise _bad("zero_size", where, f"{w}x{h}")
-            if w * h > max_pixels:
-                raise _bad("too_large", where, f"{w}x{h} > max_pixels={max_pixels}")
-            im.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise _bad("too_large", where, str(e)) from None
-    except UnidentifiedImageError:
-        raise _bad("corrupt_image", where, "not a readable image") from None
-    except BadItemError:
-        raise
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
-        raise _bad("corrupt_image", where, f"{type(e).__name__}: {e}") from None
-    try:
-        im = ImageOps.exif_transpose(im)
-    except Exception as e:  # a broken EXIF block
-        raise _bad("corrupt_image", where, f"EXIF: {e}") from None
-    mode = im.mode
-    if mode != "RGB" and not convert_modes:
-        raise _bad("unsupported_mode", where, f"mode {mode!r} (convert_modes=False)")
-    if mode in SIXTEEN_BIT:
-        a = np.asarray(im, dtype=np.int64).clip(0, 65535)
-        im = Image.fromarray((a * 255 // 65535).astype(np.uint8), "L")
-    elif mode not in RGB_CONVERTIBLE:
-        raise _bad("unsupported_mode", where, f"mode {mode!r} has no safe conversion to RGB")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    im = im.convert("RGB")
-    S = image_size
-    if im.size != (S, S):
-        w, h = im.size
-        scale = S / min(w, h)
-        nw, nh = max(S, round(w * scale)), max(S, round(h * scale))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - S) // 2, (nh - S) // 2
-        im = im.crop((left, top, left + S, top + S))
-    return im
+        im = open_image(data, where, max_pixels)
+        if im.mode != "RGB" and not convert_modes:
+            raise _bad("unsupported_mode", where, f"mode {im.mode!r} (convert_modes=False)")
+        return fit_square(to_rgb(im, where), image_size, "crop")
+    except ImageError as e:  # its reasons are REASONS' own names
+        raise _bad(e.reason, e.where, e.detail) from None
 
 
 # ---------------------------------------------------------------------------------- records
@@ -347,15 +309,17 @@ class RecordSource(Dataset):
         if n == 0:
             raise ValueError(f"{self.name} has no records")
         start = index % n
+        skipped = None  # the reason record `start` was skipped, carried by the item standing in for it
         for step in range(n):
             j = (start + step) % n
             try:
-                return self.load(j)
+                return {**self.load(j), "skipped": skipped}
             except BadItemError as e:
                 if self.on_error == "raise":
                     raise
                 if step == 0:  # counted only at its own index: one pass counts it once
                     self.counter.add(e.bad.reason)
+                    skipped = e.bad.reason
                     log.warning("skipping %s", e.bad)
         raise ValueError(f"{self.name}: every one of its {n} records is bad; run `python -m train.validate`")
 
@@ -501,18 +465,26 @@ class WebDatasetSource(RecordSource):
 
 
 class HFDatasetSource(RecordSource):
-    """A folder written by ``datasets.Dataset.save_to_disk``; needs the ``datasets`` package.
-    ``columns`` maps record fields to column names, e.g. ``{"image": "img", "text": "caption"}``
-    (type "caption") or ``{"image": ..., "question": ..., "answer": ...}`` (type "vqa")."""
+    """A folder written by ``datasets.Dataset.save_to_disk`` (one split: a ``DatasetDict``
+    folder is refused with its split names; pass ``folder/<split>``). ``columns`` maps record
+    fields to column names, e.g. ``{"image": "img", "text": "caption"}`` (type "caption") or
+    ``{"image": ..., "question": ..., "answer": ...}`` (type "vqa"); the default is
+    ``{"image": "image", "text": "text"}``. The image column is a ``datasets.Image`` (read as its
+    stored bytes, whether the folder was written from file bytes or PIL images), raw bytes, or a
+    file path; its pixels go through ``decode_image`` like every other source's. A row's problems
+    are counted by the same reasons (a null text is a ``bad_record``, as JSON null would be)."""
 
     def __init__(self, folder: str | Path, image_size: int, columns: dict[str, str] | None = None, **kw: Any):
         super().__init__(image_size, **kw)
+        # imported here: `datasets` (with pandas / pyarrow) takes a second to import, and only
+        # this source needs it
         try:
-            import datasets  # noqa: F401
+            from datasets import DatasetDict, load_from_disk
+            from datasets import Image as HFImage
         except ImportError:
-            raise ImportError("reading a Hugging Face datasets folder needs the `datasets` package "
-                              "(pip install datasets); or convert it to a JSONL manifest") from None
-        from datasets import Image as HFImage, load_from_disk
+            raise ImportError("reading a Hugging Face datasets folder needs the `datasets` package, a "
+                              "dependency of this project (pip install -e .); or convert it to a JSONL "
+                              "manifest") from None
 
         columns = dict(columns or {"image": "image", "text": "text"})
         self.kind = "vqa" if "question" in columns else "caption"
@@ -520,8 +492,18 @@ class HFDatasetSource(RecordSource):
             raise ValueError(f"columns must map exactly {sorted(_SCHEMA[self.kind])} to column names, got {columns}")
         self.columns, self.folder, self.name = columns, Path(folder), str(folder)
         ds = load_from_disk(str(folder))
+        if isinstance(ds, DatasetDict):  # which split is meant is not ours to guess
+            splits = sorted(ds)
+            raise ValueError(f"{folder} holds the splits {splits}; pass one of their folders, e.g. "  # noqa: TRY004
+                             f"{Path(folder) / (splits[0] if splits else 'train')}")
+        missing = [c for c in columns.values() if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"{folder}: no column {missing} (columns: {ds.column_names}); name the columns "
+                             f"for {sorted(columns)} with columns= (train.validate: --columns field=column,...)")
+        # only the mapped columns: another image column would otherwise be decoded on every row
+        ds = ds.select_columns(list(dict.fromkeys(columns.values())))
         img_col = columns["image"]
-        if isinstance(ds.features.get(img_col), HFImage):
+        if isinstance(ds.features[img_col], HFImage):
             ds = ds.cast_column(img_col, HFImage(decode=False))  # bytes, decoded by our policy
         self.ds = ds
         self.n_records = len(ds)

@@ -45,6 +45,7 @@ from hybrid.sequence import SampleBuilder, pack
 from hybrid.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 from train.ema import EMA
 from train.schedules import build_lr_lambda
+from train.state_io import Stateful, load_objects, save_objects
 from train.config import TrainConfig, load_config  # noqa: F401  (the stage's config loader)
 from train.sources import REASONS, SampleLimit, build_sources, parse_data_spec
 from train.data import ShapesTrainSet, understanding_question
@@ -52,6 +53,7 @@ from train.detect import detect, evaluate
 from train.shapes import ShapesWorld
 
 STATE_FILE = "trainer_state.json"
+STATE_OBJECTS = "run_objects.safetensors"
 
 
 class NonFiniteError(RuntimeError):
@@ -68,29 +70,52 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(ckpts)[1] if ckpts else None
 
 
-def save_run(accelerator, out: Path, step: int, key: str, value, keep: int, extra: dict | None = None) -> None:
-    """Save the run state as ``out/checkpoints/step_XXXXXXX``; ``trainer_state.json`` (step,
-    ``key: value``, what ``resume_run`` checks, and ``extra``) is written last, so its presence
-    marks the checkpoint complete and a killed save is ignored. Only the newest ``keep`` are kept."""
+def save_run(accelerator, out: Path, step: int, key: str, value, keep: int, extra: dict | None = None,
+             objects: dict[str, Stateful] | None = None, sharded: dict[str, Stateful] | None = None) -> Path:
+    """Save the run state as ``out/checkpoints/step_XXXXXXX``: accelerate's (model, optimizer, RNG
+    states; DeepSpeed's sharded files under DeepSpeed), then ``objects`` (LR schedule, EMA, ...,
+    identical on every process) in ``run_objects.safetensors`` (train/state_io.py: no pickle) and
+    ``sharded`` ones (a ZeRO-3 EMA: each process its own) in ``run_objects_rank{i}.safetensors``, then
+    ``trainer_state.json`` (step, ``key: value``, what ``resume_run`` checks, and ``extra``) last,
+    so its presence marks the checkpoint complete and a killed save is ignored. Only the newest
+    ``keep`` complete ones are kept (an incomplete one is removed when a later save completes)."""
     path = out / "checkpoints" / f"step_{step:07d}"
     accelerator.save_state(str(path))
+    if sharded:
+        save_objects(sharded, path / sharded_file(accelerator.process_index))
+        accelerator.wait_for_everyone()  # every shard is on disk before the marker
     if accelerator.is_main_process:
-        (path / STATE_FILE).write_text(json.dumps({"step": step, key: value, **(extra or {})}))
+        if objects:
+            save_objects(objects, path / STATE_OBJECTS)
+        tmp = path / (STATE_FILE + ".tmp")  # written whole, then renamed: never a half-written marker
+        tmp.write_text(json.dumps({"step": step, key: value, **(extra or {})}))
+        os.replace(tmp, path / STATE_FILE)
         done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file())
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        for broken in (p for p in (out / "checkpoints").glob("step_*") if not (p / STATE_FILE).is_file()):
+            if broken.name < path.name:  # a save killed midway, superseded by this complete one
+                shutil.rmtree(broken, ignore_errors=True)
     accelerator.wait_for_everyone()
+    return path
 
 
-def resume_run(accelerator, out: Path, resume: str, key: str, expected) -> int:
+def sharded_file(rank: int) -> str:
+    return f"run_objects_rank{rank}.safetensors"
+
+
+def resume_run(accelerator, out: Path, resume: str, key: str, expected,
+               objects: dict[str, Stateful] | None = None) -> int:
     """Restore the run state of ``out`` (``resume``: "auto" = newest complete checkpoint, "none",
-    or a checkpoint path) and return its step (0 when starting fresh). ``trainer_state.json[key]``
-    must equal ``expected`` (the model config): a different model must not silently resume."""
-    return resume_state(accelerator, out, resume, key, expected)[0]
+    or a checkpoint path) and ``objects`` (as given to ``save_run``), and return its step (0 when
+    starting fresh). ``trainer_state.json[key]`` must equal ``expected`` (the model config): a
+    different model must not silently resume."""
+    return resume_state(accelerator, out, resume, key, expected, objects=objects)[0]
 
 
 def resume_state(accelerator, out: Path, resume: str, key: str, expected, train_config: dict | None = None,
-                 allow_config_change: bool = False) -> tuple[int, dict]:
+                 allow_config_change: bool = False, objects: dict[str, Stateful] | None = None,
+                 sharded: dict[str, Stateful] | None = None) -> tuple[int, dict]:
     """``resume_run``, returning ``(step, trainer_state)`` too. With ``train_config`` (the fields
     of the training config that change the math), a checkpoint saved with a different one is
     refused, naming the fields, unless ``allow_config_change``."""
@@ -114,7 +139,13 @@ def resume_state(accelerator, out: Path, resume: str, key: str, expected, train_
                              f"use the same config, another output_dir, resume=none to start over, or "
                              f"allow_config_change=true to resume with the new values")
         accelerator.print(f"warning: resuming {ckpt} with a changed training config (checkpoint, now): {diff}")
+    # accelerate loads its own files (RNG states, optimizer, ...) with weights_only=True; DeepSpeed's
+    # engine reads its sharded files itself (with pickle: resume only from checkpoints you wrote)
     accelerator.load_state(str(ckpt))
+    if objects:
+        load_objects(objects, ckpt / STATE_OBJECTS)
+    if sharded:
+        load_objects(sharded, ckpt / sharded_file(accelerator.process_index), accelerator.device)
     accelerator.print(f"resumed from {ckpt} at step {state['step']}")
     if accelerator.is_main_process:
         drop_log_after(out / "log.jsonl", state["step"])
@@ -310,14 +341,23 @@ def train(cfg: TrainConfig) -> Path:
         dataset = ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
                                  mix_understand=cfg.mix_understand, caption_dropout=mcfg.caption_dropout,
                                  seed=cfg.seed)
-        skip_counter = None
     else:  # files: bad records are skipped (counted by reason) or raise, per data_on_error
         dataset = build_sources(parse_data_spec(cfg.data), mcfg.image_size, 10_000_000, seed=cfg.seed,
                                 caption_dropout=mcfg.caption_dropout, limit=SampleLimit.from_builder(collate),
                                 on_error=cfg.data_on_error)
-        skip_counter = dataset.counter
+
+    def collate_counted(items: list) -> tuple:
+        """(batch, skips): ``skips`` counts, by reason, the bad records these items stand in for
+        (an item names the one skipped at its own index). Counting what the loop *consumes*, not
+        what a loader worker read ahead, keeps the counts exact across resumes and workers."""
+        skips = torch.zeros(len(REASONS), dtype=torch.long)
+        for it in items:
+            if isinstance(it, dict) and it.get("skipped"):
+                skips[REASONS.index(it["skipped"])] += 1
+        return collate(items), skips
+
     # Sequential order: the data is already random per index, and resuming = skipping batches.
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_counted,
                         num_workers=cfg.num_workers, drop_last=True)
     tuned = encoder if cfg.siglip_trainable else None
     optimizer = build_optimizer(model, cfg, tuned)
@@ -327,11 +367,10 @@ def train(cfg: TrainConfig) -> Path:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if tuned is not None:
         tuned = accelerator.prepare(tuned)  # trained: wrapped, checkpointed and synchronised too
-    accelerator.register_for_checkpointing(lr_sched)
-    # EMA of the model's weights (fp32 shadow), checkpointed with the run, so registered before resuming
+    # EMA of the model's weights (fp32 shadow); it and the LR schedule are checkpointed with the run
     ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    run_objects = {"lr_schedule": lr_sched, **({"ema": ema} if ema is not None and not ema.sharded else {})}
+    shard_objects = {"ema": ema} if ema is not None and ema.sharded else None  # ZeRO-3: each rank its part
     # Diffusion timesteps and noise come from a generator reseeded from (seed, global batch
     # number) before every batch: a pure function of which data batch is trained on, so a resumed
     # run draws exactly what the uninterrupted run drew, and N processes x 1 batch draw what 1
@@ -339,8 +378,8 @@ def train(cfg: TrainConfig) -> Path:
     # (torch's global RNG is no good here: every new DataLoader iterator draws from it.)
     noise_gen = torch.Generator(accelerator.device)
 
-    step, _ = resume_state(accelerator, out, cfg.resume, "model_config", mcfg.to_dict(), cfg.math_dict(),
-                           cfg.allow_config_change)
+    step, resumed = resume_state(accelerator, out, cfg.resume, "model_config", mcfg.to_dict(), cfg.math_dict(),
+                                 cfg.allow_config_change, run_objects, shard_objects)
     if step:  # the optimizer hyperparameters and LR schedule are the config's (they differ from the
         # checkpoint's only with allow_config_change): the same formula as LambdaLR, so bitwise equal
         lr_sched.base_lrs = [h["initial_lr"] for h in hyper]
@@ -348,13 +387,15 @@ def train(cfg: TrainConfig) -> Path:
             g.update(h, lr=h["initial_lr"] * f(lr_sched.last_epoch))
         lr_sched._last_lr = [g["lr"] for g in optimizer.param_groups]
 
+    # bad records skipped in the batches trained on so far: this process's since the start of this
+    # invocation, plus the whole run's up to the checkpoint it resumed from
+    consumed_skips = torch.zeros(len(REASONS), dtype=torch.long, device=accelerator.device)
+    resumed_skips = resumed.get("skipped_items", {})
+
     def skipped_items() -> dict[str, int]:  # collective: every process calls it
-        """Bad records skipped by this invocation's loaders, by reason, summed over processes.
-        They count what was read, read-ahead included (one batch with num_workers=0), and start
-        from 0 in a resumed invocation, which reads the batches after its checkpoint again."""
-        local = skip_counter.counts.clone().to(accelerator.device)
-        total = accelerator.reduce(local, "sum").cpu()
-        return {r: int(n) for r, n in zip(REASONS, total.tolist()) if n}
+        """Bad records skipped so far in the run (all processes), by reason."""
+        total = accelerator.reduce(consumed_skips.clone(), "sum").cpu().tolist()
+        return {r: int(n) + resumed_skips.get(r, 0) for r, n in zip(REASONS, total) if n or resumed_skips.get(r)}
     accelerator.init_trackers("hybrid", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, (dict, list))})
 
     log_file = (out / "log.jsonl").open("a") if main else None
@@ -362,13 +403,15 @@ def train(cfg: TrainConfig) -> Path:
     unwrapped: HybridModel = accelerator.unwrap_model(model)
     if main:
         head = f"scheduler={mcfg.scheduler}" if mcfg.image_head == "diffusion" else f"{mcfg.codebook_size} codes"
-        accelerator.print(f"model: {unwrapped.num_parameters() / 1e6:.2f}M parameters, "
+        # under ZeRO-3 a parameter is a placeholder here; ds_numel is its full size
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in unwrapped.parameters())
+        accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, "
                           f"{mcfg.image_tokens} tokens per image, {mcfg.image_head} head ({head}), "
                           f"codec={mcfg.image_codec}")
 
-    def checkpoint(at: int) -> None:
+    def checkpoint(at: int) -> None:  # collective
         save_run(accelerator, out, at, "model_config", mcfg.to_dict(), cfg.keep_checkpoints,
-                 {"train_config": cfg.math_dict()})
+                 {"train_config": cfg.math_dict(), "skipped_items": skipped_items()}, run_objects, shard_objects)
 
     def sample(at: int) -> None:  # on every process (ZeRO-3 gathers parameters collectively); main writes
         unwrapped.eval()
@@ -408,9 +451,10 @@ def train(cfg: TrainConfig) -> Path:
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
     bad_run = 0  # consecutive skipped (non-finite) steps
     grad_norm = None
-    for batch in batches:
+    for batch, skips in batches:
         if step >= end:
             break
+        consumed_skips += skips
         noise_gen.manual_seed(cfg.seed * 1_000_003**2 + micro * accelerator.num_processes + accelerator.process_index)
         with accelerator.accumulate(*(m for m in (model, tuned) if m is not None)):
             und = None
@@ -441,9 +485,15 @@ def train(cfg: TrainConfig) -> Path:
                 # non-finite loss / gradient norm, on any process: every process takes the same decision
                 flags = torch.stack([~torch.isfinite(step_losses).all(), ~torch.isfinite(norm)]).float()
                 loss_bad, grad_bad = accelerator.reduce(flags, "sum").tolist()
-                if accelerator.scaler is not None:  # fp16: overflowing gradients are the grad scaler's
+                if accelerator.mixed_precision == "fp16":  # overflowing gradients are the loss scaler's
                     grad_bad = 0  # business (it skips the update and lowers its scale), not a fault
                 skipped = "non-finite loss" if loss_bad else "non-finite grad_norm" if grad_bad else None
+                if ds_plugin is not None and skipped and not optimizer.step_was_skipped:
+                    # DeepSpeed's engine stepped inside backward, before this check could run. It
+                    # skips a step whose gradient norm is not finite itself (DeepSpeed >= 0.17, any
+                    # precision); had it applied one, the weights are no longer trustworthy.
+                    raise NonFiniteError(f"step {step + 1}: {skipped}, but DeepSpeed applied the update; the last "
+                                         f"good checkpoint is {latest_checkpoint(out)}")
                 if skipped is None:
                     optimizer.step()
                     if ema is not None:
@@ -491,7 +541,7 @@ def train(cfg: TrainConfig) -> Path:
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": tokens_since / (now - t_last),
             }
-            if skip_counter is not None:
+            if not cfg.shapes_data:
                 rec["skipped_items"] = skipped_items()
             t_last, tokens_since = now, 0
             accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
@@ -509,7 +559,7 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
 
     checkpoint(step)
-    if skip_counter is not None:
+    if not cfg.shapes_data:
         counts = skipped_items()
         accelerator.print(f"data: skipped {sum(counts.values())} items" +
                           (": " + ", ".join(f"{k}={v}" for k, v in counts.items()) if counts else ""))
@@ -524,6 +574,8 @@ def train(cfg: TrainConfig) -> Path:
     # The full weights, gathered on the main process under ZeRO-3 (collective: every process
     # calls it; needs zero3_save_16bit_model), the unwrapped model's own state dict otherwise.
     weights = accelerator.get_state_dict(model)
+    if ema is not None:  # collective too when sharded (ZeRO-3): one parameter gathered at a time
+        ema_weights = ema.full_weights(unwrapped, accelerator.gather)
     if main:
         exported = HybridModel(mcfg)
         exported.load_state_dict(weights)  # copies into fp32 parameters
@@ -532,7 +584,10 @@ def train(cfg: TrainConfig) -> Path:
         HybridPipeline(exported, tokenizer, scheduler, codec if codec_name == "vq" else None, encoder
                        ).save_pretrained(final)
         if ema is not None:  # the same layout with the EMA weights
-            ema.copy_to(exported)
+            with torch.no_grad():  # by parameter (not state-dict key): a tied weight takes its EMA, once
+                for name, p in exported.named_parameters():
+                    if name in ema_weights:
+                        p.copy_(ema_weights[name])
             HybridPipeline(exported, tokenizer, scheduler, codec if codec_name == "vq" else None, encoder
                            ).save_pretrained(out / "final_ema")
         log_file.close()

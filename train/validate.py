@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from pathlib import Path
 
 from train.sources import DEFAULT_MAX_CHARS, DEFAULT_MAX_PIXELS, SampleLimit, iter_problems, open_source
 
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
     kw: dict = {"max_pixels": args.max_pixels, "max_chars": args.max_chars, "convert_modes": not args.no_convert}
     if args.columns:
-        kw["columns"] = dict(kv.split("=", 1) for kv in args.columns.split(","))
+        pairs = [kv.split("=", 1) for kv in args.columns.split(",")]
+        if any(len(p) != 2 or not all(x.strip() for x in p) for p in pairs):
+            ap.error(f"--columns expects field=column pairs, e.g. image=img,text=caption; got {args.columns!r}")
+        kw["columns"] = {k.strip(): v.strip() for k, v in pairs}
     if args.tokenizer:
         if args.seq_len is None:
             ap.error("--tokenizer needs --seq-len")
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
         kw["limit"] = SampleLimit(load_tokenizer(args.tokenizer), args.seq_len, args.gen_tokens, args.und_tokens)
     try:
+        if "columns" in kw and not Path(args.source).is_dir():
+            raise ValueError("--columns applies to a datasets folder only")
         src = open_source(args.source, args.image_size, **kw)
     except (OSError, ValueError, ImportError) as e:
         print(f"cannot open {args.source}: {e}", file=sys.stderr)

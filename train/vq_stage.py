@@ -254,10 +254,10 @@ def train(cfg: VQTrainConfig) -> Path:
     optimizer = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer, loader = accelerator.prepare(tok, optimizer, loader)
-    accelerator.register_for_checkpointing(lr_sched, usage)
+    run_objects = {"lr_schedule": lr_sched, "code_usage": usage}  # checkpointed with the run
 
     arch = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.arch().items()}  # as JSON stores it
-    step = resume_run(accelerator, out, cfg.resume, "arch", arch)
+    step = resume_run(accelerator, out, cfg.resume, "arch", arch, run_objects)
     log_file = (out / "log.jsonl").open("a") if main else None
     if main:
         n_params = sum(p.numel() for p in tok.parameters())
@@ -272,7 +272,7 @@ def train(cfg: VQTrainConfig) -> Path:
             accelerator.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
 
     def checkpoint(at: int) -> None:
-        save_run(accelerator, out, at, "arch", arch, cfg.keep_checkpoints)
+        save_run(accelerator, out, at, "arch", arch, cfg.keep_checkpoints, objects=run_objects)
 
     def run_eval(at: int) -> dict:
         metrics = evaluate(tok, heldout, heldout_meta) if main else {}
