@@ -101,17 +101,18 @@ def guide(out: Tensor, n: int, guidance_scale: float) -> Tensor:
 
 def run_chunk(model: nn.Module, cache: KVCache | CacheGroups, input_ids: Tensor, keep: bool,
               valid: Tensor | None = None, span_ids: Tensor | None = None, logits_last: bool = True,
-              **inputs) -> HybridOutput:
+              one_span: bool = False, **inputs) -> HybridOutput:
     """Run (B, n) new tokens after the cached ones. ``valid`` (B, n) False marks left padding;
-    ``span_ids`` (B, n) >= 0 marks a bidirectional span inside the chunk; ``inputs`` are the
-    model's image arguments with indices relative to the chunk. ``keep`` commits the chunk.
-    Text logits are computed at the chunk's last position only (``logits_last``), (B, V)."""
+    ``span_ids`` (B, n) >= 0 marks a bidirectional span inside the chunk; ``one_span`` says the
+    whole chunk is one such span (a denoising step), which the caller knows: checking
+    ``span_ids`` here would cost a device sync per step. ``inputs`` are the model's image
+    arguments with indices relative to the chunk. ``keep`` commits the chunk. Text logits are
+    computed at the chunk's last position only (``logits_last``), (B, V)."""
     B, n = input_ids.shape
     device = input_ids.device
     # Nothing to hide (no padding anywhere, and one token or one bidirectional span): no mask,
     # which lets SDPA take its unmasked kernel and spares building one per decoded token.
-    open_chunk = valid is None and (n == 1 or (span_ids is not None and bool((span_ids == span_ids[0, 0]).all())
-                                               and int(span_ids[0, 0]) >= 0))
+    open_chunk = valid is None and (n == 1 or one_span)
     masks = []
     if not open_chunk:
         valid = torch.ones(B, n, dtype=torch.bool, device=device) if valid is None else valid
@@ -206,7 +207,7 @@ def denoise(model: nn.Module, cache: KVCache | CacheGroups, n: int, scheduler: S
     for i, t in enumerate(scheduler.set_timesteps(num_steps, device=device)):
         xin = x if B == n else torch.cat([x, x])  # (B, N, P)
         tt = torch.full((B,), float(t), device=device)
-        pred = run_chunk(model, cache, ids, keep=False, span_ids=span, logits_last=False,
+        pred = run_chunk(model, cache, ids, keep=False, span_ids=span, logits_last=False, one_span=span is not None,
                          gen_tokens=xin.to(dtype), gen_index=index, gen_timesteps=tt).image_pred
         if callback is not None:
             callback(i, t, xin, pred)

@@ -68,3 +68,30 @@ def test_too_long_prompt_is_a_clear_error(debug_cfg, tokenizer):
     long = [[7] * debug_cfg.max_seq_len]
     with pytest.raises(ValueError, match="more than max_seq_len"):
         generate_images(model, long, scheduler_for(debug_cfg), PixelCodec(), 2)
+
+
+@pytest.mark.parametrize("lengths", [(7, 7), (4, 9)])  # an unpadded cache, a left-padded one
+def test_one_span_chunk_without_a_mask_equals_the_masked_chunk(debug_cfg, tokenizer, lengths):
+    """A denoising step's chunk is one bidirectional span: run_chunk(one_span=True) skips the
+    mask (SDPA's unmasked kernel, or only the cache's padding hidden) and must give what the
+    explicit span mask gives."""
+    from hybrid.sampling import prefill, prompt_prefix_rows, run_chunk
+
+    torch.manual_seed(0)
+    model = HybridModel(debug_cfg).eval()
+    torch.nn.init.normal_(model.image_out.weight, std=0.1)  # zero-initialised: every prediction would be 0
+    ids = [[5 + i for i in range(n)] for n in lengths]
+    rows = prompt_prefix_rows(ids, debug_cfg, with_uncond=False)
+    N, B = debug_cfg.image_tokens, len(rows)
+    x = torch.randn(B, N, debug_cfg.patch_dim)
+    preds = []
+    with torch.no_grad():
+        for one_span in (True, False):
+            cache, _ = prefill(model, rows)
+            assert cache.padded == (lengths[0] != lengths[1])
+            preds.append(run_chunk(model, cache, torch.full((B, N), debug_cfg.img_id), keep=False,
+                                   span_ids=torch.zeros(B, N, dtype=torch.long), logits_last=False,
+                                   one_span=one_span, gen_tokens=x, gen_index=torch.arange(B * N).view(B, N),
+                                   gen_timesteps=torch.full((B,), 500.0)).image_pred)
+    assert preds[1].abs().max() > 0.1
+    torch.testing.assert_close(preds[0], preds[1], atol=1e-5, rtol=0)

@@ -272,6 +272,10 @@ def train(cfg: TrainConfig) -> Path:
     ds_plugin = accelerator.state.deepspeed_plugin  # set when the accelerate config selects DeepSpeed
     if ds_plugin is not None:  # its engine clips inside backward: its "auto" clipping is ours, not 1.0
         ds_plugin.fill_match("gradient_clipping", must_match=False, gradient_clipping=cfg.grad_clip)
+        if cfg.siglip_trainable:  # said up front, not as accelerate's error after loading everything
+            raise ValueError("siglip_trainable=true trains a second module, and accelerate gives DeepSpeed one "
+                             "model per engine: fine-tune the encoder with DDP (train/accelerate/multi_gpu.yaml) "
+                             "or keep it frozen under DeepSpeed")
     set_seed(cfg.seed)
     main = accelerator.is_main_process
     if main:
