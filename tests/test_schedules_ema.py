@@ -274,3 +274,21 @@ def test_activation_checkpointing_leaves_cached_generation_alone(debug_cfg, toke
         torch.testing.assert_close(a.detach(), b, atol=1e-6, rtol=0)
     torch.testing.assert_close(out_on.logits.detach(), out_ref.logits, atol=1e-6, rtol=0)
     torch.testing.assert_close(step_on.logits.detach(), step_ref.logits, atol=1e-6, rtol=0)
+
+
+# --- precision by device ----------------------------------------------------------------------
+
+def test_mixed_precision_is_picked_by_config_then_launcher_then_device(monkeypatch):
+    from train.trainer import pick_mixed_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_mixed_precision(None) == "no"  # the CPU: fp32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert pick_mixed_precision(None) == "bf16"  # a GPU with bf16: autocast
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert pick_mixed_precision(None) == "no"  # an old GPU: fp32, not fp16 without being asked
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert pick_mixed_precision(None) == "fp16"  # the accelerate config's choice
+    assert pick_mixed_precision("no") == "no"  # the training config's, above all

@@ -75,7 +75,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     # "no" (fp32: the CPU path), "bf16", "fp16" (GPUs); None: what the accelerate config / launcher
-    # says (train/accelerate/*.yaml), "no" when run without one
+    # says (train/accelerate/*.yaml), else by device: bf16 on a GPU with bf16, fp32 on the CPU
     mixed_precision: str | None = None
 
     # logging, checkpoints, samples
