@@ -168,6 +168,13 @@ def test_dtype_bf16_is_the_fp32_export_cast_and_only_model_writes_model_and_conf
 
 
 def test_errors_not_a_checkpoint_missing_rank_files_and_shape_mismatch(runs, tmp_path, capsys):
+    # into the run folder itself: its tokenizer/ would be deleted before being copied
+    run = runs["zero3"]
+    tokenizer_files = sorted(p.name for p in (run / "tokenizer").iterdir())
+    assert main([str(run), str(run)]) == 1
+    assert "would overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "tokenizer").iterdir()) == tokenizer_files
+    assert not (run / "model.safetensors").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="is not a DeepSpeed checkpoint: it has no 'latest' file"):

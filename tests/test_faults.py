@@ -251,9 +251,28 @@ def test_manifest_with_bad_records_trains_and_counts_skips(tmp_path, tok, capsys
     # resumed invocation adds to the checkpoint's instead of starting from 0 or recounting
     cut = tmp_path / "cut"
     assert main(args(cut, tok, f"data={manifest}", "steps=3", "log_every=1", "save_every=100", "stop_at=2")) == 0
+    # the same stop_at again: nothing to train, and its complete checkpoint is not rewritten
+    saved = {p.name: p.stat().st_mtime_ns for p in (cut / "checkpoints" / "step_0000002").iterdir()}
+    assert main(args(cut, tok, f"data={manifest}", "steps=3", "log_every=1", "save_every=100", "stop_at=2")) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (cut / "checkpoints" / "step_0000002").iterdir()} == saved
     assert main(args(cut, tok, f"data={manifest}", "steps=3", "log_every=1", "save_every=100", "num_workers=2")) == 0
     assert [r["skipped_items"] for r in records(cut) if "text_loss" in r] == per_step
     assert line in capsys.readouterr().out
+    # the loader's collate pickles (DataLoader workers under spawn / forkserver) and counts the same
+    import pickle
+
+    from hybrid.sequence import SampleBuilder
+    from hybrid.tokenizer import load_tokenizer
+    from train.sources import JsonlSource
+    from train.trainer import CountedCollate
+
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    from hybrid.config import HybridConfig
+
+    counted = CountedCollate(SampleBuilder(load_tokenizer(tok), HybridConfig.from_dict(cfg), seq_len=256))
+    items = [JsonlSource(manifest, 32)[i] for i in range(4)]
+    (b1, s1), (b2, s2) = counted(items), pickle.loads(pickle.dumps(counted))(items)
+    assert torch.equal(b1.input_ids, b2.input_ids) and torch.equal(s1, s2) and int(s1.sum()) == 3
     # data_on_error=raise: the first bad record stops the run, naming its file and reason
     with pytest.raises(BadItemError, match="corrupt.png: corrupt_image"):
         main(args(tmp_path / "strict", tok, f"data={manifest}", "steps=3", "data_on_error=raise"))

@@ -203,6 +203,8 @@ def test_state_io_round_trip_and_refusals(tmp_path):
     assert got[3] == math.inf and got["f"] == 0.1 + 0.2 and got["flag"] is True
     with pytest.raises(KeyError, match="other"):
         load_objects({"other": out}, tmp_path / "o.safetensors")
+    with pytest.raises(ValueError, match="two tensors would be stored"):
+        save_objects({"box": Box({"a/b": torch.ones(1), "a": {"b": torch.zeros(1)}})}, tmp_path / "q.safetensors")
     with pytest.raises(TypeError, match="without pickle"):
         save_objects({"box": Box({"fn": print})}, tmp_path / "p.safetensors")
 

@@ -73,18 +73,24 @@ class EMA:
         self.num_updates += 1
 
     @torch.no_grad()
-    def full_weights(self, model: nn.Module, gather: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The EMA weights by parameter name, full size (fp32). Sharded: every process must call it
-        (``gather`` = ``accelerator.gather``: concatenates a tensor over processes in rank order),
-        which reassembles one parameter at a time from the ranks' partitions."""
+    def full_weights(self, model: nn.Module, gather: Callable[[torch.Tensor], torch.Tensor],
+                     device: torch.device | str | None = None, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The EMA weights by parameter name, full size, fp32, on the CPU (empty where ``keep`` is
+        False). Sharded: every process must call it (``gather`` = ``accelerator.gather``:
+        concatenates a tensor over processes in rank order); one parameter at a time is gathered
+        on ``device`` (the backend's: an offloaded shadow lives on the CPU) and only the processes
+        that ``keep`` hold the result, in CPU memory."""
         if not self.sharded:
-            return {k: v.clone() for k, v in self.shadow.items()}
+            return {k: v.detach().cpu().clone() for k, v in self.shadow.items()} if keep else {}
         params = dict(model.named_parameters())
         self._params(model)  # the same parameters as when the EMA was made
         out = {}
         for name, part in self.shadow.items():
             p = params[name]
-            out[name] = gather(part)[: p.ds_numel].view(p.ds_shape)  # (N * partition,) -> the parameter's shape
+            full = gather(part.to(device) if device is not None else part)  # (N * partition,)
+            if keep:
+                out[name] = full[: p.ds_numel].view(p.ds_shape).cpu()  # -> the parameter's shape
+            del full
         return out
 
     def _full_params(self, model: nn.Module) -> dict[str, torch.Tensor]:

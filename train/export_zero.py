@@ -104,6 +104,7 @@ _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }
 
 
@@ -723,6 +724,10 @@ def export_zero_checkpoint(checkpoint: str | Path, out: str | Path, dtype: torch
         check_against_config(ckpt, model_config)
         if only is None:
             sources = pipeline_sources(ckpt, model_config, vq, siglip)
+            for name, src in sources.items():  # e.g. out = the run folder: its tokenizer/ would be deleted
+                if Path(src).resolve() == (out / name).resolve():
+                    raise ValueError(f"exporting into {out} would overwrite {src}, which it copies from: "
+                                     f"export into another folder")
     out.mkdir(parents=True, exist_ok=True)
     size = ckpt.write(out / WEIGHTS, dtype)
     if model_config is not None:
@@ -749,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = export_zero_checkpoint(args.checkpoint, args.out, args.dtype, args.only, args.vq, args.siglip,
                                          args.ema)
-    except (FileNotFoundError, ValueError, ImportError, pickle.UnpicklingError) as e:
+    # KeyError: a tensor dtype unknown to safetensors; RuntimeError: a truncated or damaged .pt file
+    except (FileNotFoundError, ValueError, ImportError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(summary.line())

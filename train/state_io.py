@@ -34,6 +34,8 @@ class Stateful(Protocol):
 def _split(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
     """``value`` with every tensor moved into ``tensors[key...]`` and replaced by a reference."""
     if isinstance(value, torch.Tensor):
+        if key in tensors:  # {"a/b": x, "a": {"b": y}}, or {1: x, "1": y}: one would overwrite the other
+            raise ValueError(f"two tensors would be stored as {key!r}: rename a key")
         tensors[key] = value.detach().cpu().contiguous()
         return {_TENSOR: key}
     if isinstance(value, dict):

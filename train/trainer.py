@@ -60,6 +60,23 @@ class NonFiniteError(RuntimeError):
     """``max_bad_steps`` consecutive steps had a non-finite loss or gradient norm."""
 
 
+class CountedCollate:
+    """``(batch, skips)``: ``skips`` counts, by reason, the bad records these items stand in for
+    (an item names the one skipped at its own index). Counting what the loop *consumes*, not what
+    a loader worker read ahead, keeps the counts exact across resumes and workers. A class, not a
+    closure: DataLoader workers started by spawn / forkserver pickle it."""
+
+    def __init__(self, collate: SampleBuilder):
+        self.collate = collate
+
+    def __call__(self, items: list) -> tuple:
+        skips = torch.zeros(len(REASONS), dtype=torch.long)
+        for it in items:
+            if isinstance(it, dict) and it.get("skipped"):
+                skips[REASONS.index(it["skipped"])] += 1
+        return self.collate(items), skips
+
+
 def pick_mixed_precision(configured: str | None) -> str:
     """The precision a run uses: the training config's, else the launcher's (``accelerate launch``
     passes its config's choice as ACCELERATE_MIXED_PRECISION), else by device: bf16 autocast on a
@@ -95,7 +112,7 @@ def save_run(accelerator, out: Path, step: int, key: str, value, keep: int, extr
     accelerator.save_state(str(path))
     if sharded:
         save_objects(sharded, path / sharded_file(accelerator.process_index))
-        accelerator.wait_for_everyone()  # every shard is on disk before the marker
+    accelerator.wait_for_everyone()  # every process's files are on disk before the marker
     if accelerator.is_main_process:
         if objects:
             save_objects(objects, path / STATE_OBJECTS)
@@ -362,18 +379,8 @@ def train(cfg: TrainConfig) -> Path:
                                 caption_dropout=mcfg.caption_dropout, limit=SampleLimit.from_builder(collate),
                                 on_error=cfg.data_on_error)
 
-    def collate_counted(items: list) -> tuple:
-        """(batch, skips): ``skips`` counts, by reason, the bad records these items stand in for
-        (an item names the one skipped at its own index). Counting what the loop *consumes*, not
-        what a loader worker read ahead, keeps the counts exact across resumes and workers."""
-        skips = torch.zeros(len(REASONS), dtype=torch.long)
-        for it in items:
-            if isinstance(it, dict) and it.get("skipped"):
-                skips[REASONS.index(it["skipped"])] += 1
-        return collate(items), skips
-
     # Sequential order: the data is already random per index, and resuming = skipping batches.
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_counted,
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=CountedCollate(collate),
                         num_workers=cfg.num_workers, drop_last=True)
     tuned = encoder if cfg.siglip_trainable else None
     optimizer = build_optimizer(model, cfg, tuned)
@@ -394,8 +401,9 @@ def train(cfg: TrainConfig) -> Path:
     # (torch's global RNG is no good here: every new DataLoader iterator draws from it.)
     noise_gen = torch.Generator(accelerator.device)
 
-    step, resumed = resume_state(accelerator, out, cfg.resume, "model_config", mcfg.to_dict(), cfg.math_dict(),
-                                 cfg.allow_config_change, run_objects, shard_objects)
+    resumed_at, resumed = resume_state(accelerator, out, cfg.resume, "model_config", mcfg.to_dict(),
+                                       cfg.math_dict(), cfg.allow_config_change, run_objects, shard_objects)
+    step = resumed_at
     if step:  # the optimizer hyperparameters and LR schedule are the config's (they differ from the
         # checkpoint's only with allow_config_change): the same formula as LambdaLR, so bitwise equal
         lr_sched.base_lrs = [h["initial_lr"] for h in hyper]
@@ -574,7 +582,8 @@ def train(cfg: TrainConfig) -> Path:
             sample(step)
     bar.close()
 
-    checkpoint(step)
+    if step > resumed_at:  # a rerun of a finished (or stop_at) invocation must not rewrite its
+        checkpoint(step)  # complete checkpoint: a kill midway would leave a marker on half-written files
     if not cfg.shapes_data:
         counts = skipped_items()
         accelerator.print(f"data: skipped {sum(counts.values())} items" +
@@ -591,7 +600,7 @@ def train(cfg: TrainConfig) -> Path:
     # calls it; needs zero3_save_16bit_model), the unwrapped model's own state dict otherwise.
     weights = accelerator.get_state_dict(model)
     if ema is not None:  # collective too when sharded (ZeRO-3): one parameter gathered at a time
-        ema_weights = ema.full_weights(unwrapped, accelerator.gather)
+        ema_weights = ema.full_weights(unwrapped, accelerator.gather, accelerator.device, keep=main)
     if main:
         exported = HybridModel(mcfg)
         exported.load_state_dict(weights)  # copies into fp32 parameters
