@@ -236,8 +236,11 @@ class HybridModel(nn.Module):
 
     def embed_images(self, patches: Tensor, timesteps: Tensor) -> Tensor:
         """(n, N, P) noisy patches and (n,) timesteps -> (n, N, D) span embeddings."""
-        t_emb = self.time_embed(self.time_proj(timesteps.float()).to(patches.dtype))  # (n, D)
-        return self.image_in(patches) + t_emb[:, None, :]
+        # the weights' dtype, not the inputs': fp32 latents meet bf16 weights when the whole model is
+        # cast (DeepSpeed bf16 has no autocast); under autocast the weights stay fp32 and this is a no-op
+        dtype = self.image_in.weight.dtype
+        t_emb = self.time_embed(self.time_proj(timesteps.float()).to(dtype))  # (n, D)
+        return self.image_in(patches.to(dtype)) + t_emb[:, None, :]
 
     def forward(
         self,

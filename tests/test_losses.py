@@ -8,7 +8,7 @@ from PIL import Image
 from encoders.latents import PixelCodec, patchify
 from hybrid.losses import hybrid_loss
 from hybrid.model import HybridModel
-from hybrid.sequence import IGNORE, SampleBuilder
+from hybrid.sequence import IGNORE, ImageSegment, SampleBuilder
 from schedulers import get_scheduler
 
 RED, BLUE = Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))
@@ -98,3 +98,26 @@ def test_debug_model_overfits_one_batch(debug_cfg, tokenizer, sched):
     (t0, i0), (t1, i1) = history[0], history[-1]
     assert t1 < 0.2 * t0, f"text loss {t0:.3f} -> {t1:.3f}"
     assert i1 < 0.5 * i0, f"image loss {i0:.4f} -> {i1:.4f}"
+
+
+@pytest.mark.parametrize("sched", ["ddpm", "flow"])
+def test_a_model_cast_to_bf16_takes_fp32_inputs(setup, debug_cfg, tokenizer, sched):
+    """DeepSpeed's bf16 casts the whole module to bf16 and does not autocast: the fp32 latents,
+    timesteps and understanding features must meet bf16 weights (this crashed the shipped bf16
+    DeepSpeed configs with 'mat1 and mat2 must have the same dtype'). The loss stays close to
+    fp32's (bf16 rounding)."""
+    model, batch = setup
+    scheduler = get_scheduler(sched)
+    und = torch.randn(2, debug_cfg.und_tokens, debug_cfg.und_feature_dim)  # fp32, as an fp32 encoder gives
+    und_batch = SampleBuilder(tokenizer, debug_cfg, caption_dropout=0.0)(
+        [[ImageSegment(RED, "und"), "what is it? a red square"]])
+    for b, feats in ((batch, None), (und_batch, und[:1])):
+        losses = []
+        for m in (model, HybridModel(debug_cfg).to(torch.bfloat16)):
+            if m is not model:
+                m.load_state_dict(model.state_dict())
+            losses.append(hybrid_loss(m, b, scheduler, PixelCodec(), debug_cfg.patch_size, 5.0, und_features=feats,
+                                      generator=torch.Generator().manual_seed(0)))
+        fp32, bf16 = losses
+        assert bf16.total.dtype == torch.float32 and torch.isfinite(bf16.total)
+        torch.testing.assert_close(bf16.total, fp32.total, rtol=5e-2, atol=0)
