@@ -50,7 +50,18 @@ def hybrid_loss(
     """
     gen_tokens = gen_t = target = codes = None
     n_gen = batch.gen_images.shape[0]
-    if n_gen and image_head == "ar":
+    # A batch without generated images still runs the image head, on nothing (n = 0 images): every
+    # parameter is then used, in the same place, in every batch. Data-parallel ranks whose batches
+    # differ in modalities must reduce the same gradients (DeepSpeed's buckets) and gather the
+    # same parameters in the same order (ZeRO-3); the values are unaffected.
+    gen_index = batch.gen_index
+    if not n_gen and image_head == "ar":
+        codes = gen_index = batch.input_ids.new_zeros(0, 0)
+    elif not n_gen:
+        P = codec.latent_channels * patch_size**2
+        gen_tokens, gen_t, gen_index = batch.gen_images.new_zeros(0, 0, P), batch.gen_images.new_zeros(0), \
+            batch.input_ids.new_zeros(0, 0)
+    elif image_head == "ar":
         with torch.no_grad():
             codes = codec.encode_codes(batch.gen_images).flatten(1)  # (n_gen, N) raster order
     elif n_gen:
@@ -63,6 +74,9 @@ def hybrid_loss(
         gen_t = t
     if batch.und_images.shape[0] and und_features is None:
         raise ValueError("batch has understanding images but no und_features were given")
+    und_index = None  # und_features of no image (0, M, F): the aligner runs on nothing, as above
+    if und_features is not None:
+        und_index = batch.und_index if und_features.shape[0] else batch.und_index.new_zeros(0, und_features.shape[1])
 
     # Text logits only where a text target exists: avoids the (B, T, V) projection elsewhere.
     flat_targets = batch.targets.reshape(-1)
@@ -72,17 +86,17 @@ def hybrid_loss(
         batch.position_ids,
         batch.attention_mask(attn_impl),
         gen_tokens=gen_tokens,
-        gen_index=batch.gen_index if n_gen else None,  # (n_gen, N)
+        gen_index=gen_index,  # (n_gen, N)
         gen_timesteps=gen_t,
         und_features=und_features,
-        und_index=batch.und_index if und_features is not None else None,
+        und_index=und_index,
         logits_index=text_pos,
         gen_codes=codes,
     )
     zero = out.hidden.sum() * 0.0  # keeps the graph connected when a modality is absent
     text = F.cross_entropy(out.logits.float(), flat_targets[text_pos]) if text_pos.numel() else zero
-    if not n_gen:
-        image = zero
+    if not n_gen:  # the head's output on nothing, times 0: in the graph, no value
+        image = (out.code_logits if codes is not None else out.image_pred).float().sum() * 0.0
     elif codes is not None:
         image = F.cross_entropy(out.code_logits.flatten(0, 1).float(), codes.reshape(-1))
     else:

@@ -310,11 +310,11 @@ class HybridModel(nn.Module):
         logits = self.lm_head(flat[logits_index] if logits_index is not None else hn)
         image_pred = None
         if gen_tokens is not None:
-            image_pred = self.image_out(flat[gen_index.reshape(-1)]).view(*gen_index.shape, -1)  # (n, N, P)
+            image_pred = self.image_out(flat[gen_index.reshape(-1)]).view(*gen_index.shape, self.config.patch_dim)  # (n, N, P)
         code_logits = None
         if gen_codes is not None and cache is None:  # code i is predicted from the position before
             # it (<boi> for i=0); with a cache that position may be cached: use next_code_logits
-            code_logits = self.gen_head(flat[gen_index.reshape(-1) - 1]).view(*gen_index.shape, -1)  # (n, N, K)
+            code_logits = self.gen_head(flat[gen_index.reshape(-1) - 1]).view(*gen_index.shape, self.config.codebook_size)  # (n, N, K)
         return HybridOutput(logits=logits, image_pred=image_pred, hidden=h, code_logits=code_logits)
 
     def next_code_logits(self, hidden: Tensor) -> Tensor:

@@ -155,3 +155,45 @@ def test_deepspeed_zero3_two_cpu_processes_resume_and_export_the_full_model(tmp_
     for k in wb:
         torch.testing.assert_close(wc[k], wb[k], rtol=0, atol=1e-6, msg=k)
         torch.testing.assert_close(ec[k], eb[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("config", [ZERO2, ZERO3])
+def test_deepspeed_fine_tunes_siglip_in_the_same_engine(tmp_path, config):
+    """siglip_trainable: the model and the encoder are trained as one module (ModelWithEncoder),
+    since accelerate gives DeepSpeed one model per engine. With mix_understand=0.25, steps 1 and 3
+    have understanding images on one rank only (2 vs 0, then 0 vs 1): the encoder is unused on
+    the other rank (which runs it on a blank image and uses none of it, as hybrid_loss runs an
+    absent modality's head on nothing): both ranks must reduce the same gradients and, under
+    ZeRO-3, gather the same parameters in the same order. Two processes equal one process with the same global batch:
+    losses (rel 1e-5), the model and the fine-tuned encoder in final/ (atol 1e-3), which did move."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from encoders.siglip import SiglipEncoder
+
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2))
+    SiglipEncoder.from_transformers_model(tower, SiglipImageProcessor(size={"height": 32, "width": 32})
+                                          ).save_pretrained(tmp_path / "siglip")
+    extra = ["steps=3", "save_every=3", "fault_nan_steps=[]", f"siglip_path={tmp_path / 'siglip'}",
+             "siglip_trainable=true", "siglip_lr_scale=1.0", "mix_understand=0.25", "und_eval=4", "num_samples=2"]
+    ds = tmp_path / "ds"
+    launch(ds, *extra, config=config)
+    single = tmp_path / "single"
+    assert main([DEBUG, f"output_dir={single}", *COMMON, *extra, "grad_accum=2"]) == 0
+    a, b = losses(single), losses(ds)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert_same_losses(b, a, a, rel=1e-5)
+    for folder in ("final", "final/siglip"):
+        wa, wb = weights(single, folder), weights(ds, folder)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-3, msg=k)
+    before = load_file(tmp_path / "siglip" / "model.safetensors")
+    assert any(not torch.equal(before[k], wb[k]) for k in before)  # fine-tuned, not the frozen copy
+    # the offline export finds the model inside ModelWithEncoder's names (model.*, encoder.*)
+    from train.export_zero import main as export_main
+
+    assert export_main([str(ds), str(tmp_path / "export"), "--only", "model"]) == 0
+    exported, final = load_file(tmp_path / "export" / "model.safetensors"), weights(ds)
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)

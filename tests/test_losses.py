@@ -121,3 +121,34 @@ def test_a_model_cast_to_bf16_takes_fp32_inputs(setup, debug_cfg, tokenizer, sch
         fp32, bf16 = losses
         assert bf16.total.dtype == torch.float32 and torch.isfinite(bf16.total)
         torch.testing.assert_close(bf16.total, fp32.total, rtol=5e-2, atol=0)
+
+
+@pytest.mark.parametrize("head", ["diffusion", "ar"])
+def test_a_text_only_batch_still_runs_every_head_on_nothing(debug_cfg, tokenizer, head):
+    """A text-only batch uses neither the image head nor the understanding aligner. hybrid_loss
+    runs them on nothing (0 images, empty understanding features), in their usual place, so every
+    parameter gets a gradient (exactly 0 there): data-parallel ranks whose batches differ in
+    modalities reduce the same gradients. The text loss is the plain forward's."""
+    from hybrid.config import HybridConfig
+
+    cfg = HybridConfig.from_dict({**debug_cfg.to_dict(), "image_head": head, "codebook_size": 16,
+                                  **({} if head == "diffusion" else {"image_codec": "vq", "patch_size": 1})})
+    model = HybridModel(cfg)
+    batch = SampleBuilder(tokenizer, cfg, caption_dropout=0.0)([["a photo of a red circle"]])
+    codec = PixelCodec() if head == "diffusion" else None
+    empty_und = torch.zeros(0, cfg.und_tokens, cfg.und_feature_dim)
+    loss = hybrid_loss(model, batch, get_scheduler("flow"), codec, cfg.patch_size, und_features=empty_und,
+                       image_head=head)
+    plain = model(batch.input_ids, batch.position_ids, batch.attention_mask())
+    ce = F.cross_entropy(plain.logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+    torch.testing.assert_close(loss.text, ce)
+    assert loss.image.item() == 0.0
+    loss.total.backward()
+    missing = sorted(n for n, p in model.named_parameters() if p.grad is None)
+    assert missing == [], missing
+    heads = {n: p.grad for n, p in model.named_parameters() if n.startswith(("aligner", "image_", "gen_"))}
+    assert heads and all(not g.any() for g in heads.values())  # their gradient is exactly 0
+    # the control: the plain forward leaves them out of the graph
+    model.zero_grad(set_to_none=True)
+    ce.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n in heads)

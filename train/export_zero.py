@@ -500,6 +500,15 @@ class ZeroCheckpoint:
             entries.append(Entry(name, tuple(t.shape), t.dtype, tuple(_Concat([t]).pieces(0, t.numel()))))
         return entries
 
+    def keep_prefix(self, prefix: str) -> None:
+        """Keep only the tensors named ``prefix...``, without it: the model inside a module that
+        wraps it (the trainer's ``ModelWithEncoder`` with ``siglip_trainable``)."""
+        kept = [Entry(e.name[len(prefix):], e.shape, e.dtype, e.pieces) for e in self.entries if e.name.startswith(prefix)]
+        if not kept:
+            raise ValueError(f"{self.tag_dir} has no tensors named {prefix}*")
+        self.entries = kept
+        self.aliases = {k[len(prefix):]: v[len(prefix):] for k, v in self.aliases.items() if k.startswith(prefix)}
+
     def use_ema(self) -> int:
         """Take the trainable parameters from the run's EMA (a run with ``ema_decay``;
         train/ema.py, saved by train/state_io.py under the name "ema") instead of the master
@@ -712,6 +721,8 @@ def export_zero_checkpoint(checkpoint: str | Path, out: str | Path, dtype: torch
     if only not in (None, "model", "weights"):
         raise ValueError(f"only must be None, 'model' or 'weights', not {only!r}")
     ckpt = ZeroCheckpoint(checkpoint)
+    if any(e.name.startswith("encoder.") for e in ckpt.entries):  # siglip_trainable: the trainer's
+        ckpt.keep_prefix("model.")  # ModelWithEncoder (model.* and the fine-tuned encoder.*)
     if ema:
         ckpt.use_ema()
     out = Path(out)

@@ -1,8 +1,8 @@
 """The hybrid training stage: one loop for a laptop CPU and for multi-GPU ``accelerate launch``.
 
-What is trained is handed to ``accelerator.prepare``: the ``HybridModel`` and, only with
-``siglip_trainable=true``, the SigLIP encoder (a second prepared module, called through its own
-forward so DDP synchronises its gradients). The frozen image codec (pixels, or a VQ tokenizer
+What is trained is handed to ``accelerator.prepare`` as one module: the ``HybridModel``, or with
+``siglip_trainable=true`` a ``ModelWithEncoder`` holding it and the SigLIP encoder (one DDP
+reducer, one DeepSpeed engine). The frozen image codec (pixels, or a VQ tokenizer
 from ``vq_path``) and a frozen encoder stay outside. The model config takes its latent grid /
 codebook / feature sizes from these components. Run state (model, optimizer, LR schedule, RNG states)
 is saved with ``accelerator.save_state`` every ``save_every`` steps under
@@ -39,7 +39,7 @@ from encoders.latents import build_codec
 from encoders.siglip import SiglipEncoder
 from hybrid.pipeline import HybridPipeline, to_uint8  # to_uint8: also the vq stage's and sample_eval's
 from hybrid.losses import hybrid_loss
-from hybrid.model import HybridModel
+from hybrid.model import HybridModel, HybridOutput
 from hybrid.sampling import generate_images, scheduler_for
 from hybrid.sequence import SampleBuilder, pack
 from hybrid.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
@@ -58,6 +58,31 @@ STATE_OBJECTS = "run_objects.safetensors"
 
 class NonFiniteError(RuntimeError):
     """``max_bad_steps`` consecutive steps had a non-finite loss or gradient norm."""
+
+
+class ModelWithEncoder(torch.nn.Module):
+    """The model and the fine-tuned SigLIP encoder (``siglip_trainable``) as ONE trained module:
+    accelerate gives DeepSpeed one model per engine, and under DDP one module is one reducer (a
+    rank whose batch has no understanding image leaves the encoder unused, which
+    ``find_unused_parameters`` would allow, but DeepSpeed's gradient buckets and ZeRO-3's
+    collective parameter gathers would not: so when training, a rank without one runs the encoder
+    on a blank image and hands the model none of its features (``[:0]``), as ``hybrid_loss`` runs
+    the model's own heads on nothing). ``forward`` is the model's, except that ``und_features``
+    are the understanding *images*, encoded inside this forward so the engine sees the encoder
+    used. Parameter names get a ``model.`` / ``encoder.`` prefix."""
+
+    def __init__(self, model: HybridModel, encoder: SiglipEncoder, image_size: int):
+        super().__init__()
+        self.model, self.encoder, self.image_size = model, encoder, image_size
+
+    def forward(self, *args, und_features: torch.Tensor | None = None, **kwargs) -> HybridOutput:
+        if und_features is not None:
+            und_features = self.encoder(und_features)  # (n_und, 3, H, W) -> (n_und, M, F)
+        elif torch.is_grad_enabled():  # (the tower cannot take an empty batch: one blank image)
+            blank = torch.zeros(1, 3, self.image_size, self.image_size, device=args[0].device)
+            und_features = self.encoder(blank)[:0]  # (0, M, F)
+            kwargs["und_index"] = torch.zeros(0, und_features.shape[1], dtype=torch.long, device=blank.device)
+        return self.model(*args, und_features=und_features, **kwargs)
 
 
 class CountedCollate:
@@ -301,10 +326,6 @@ def train(cfg: TrainConfig) -> Path:
     ds_plugin = accelerator.state.deepspeed_plugin  # set when the accelerate config selects DeepSpeed
     if ds_plugin is not None:  # its engine clips inside backward: its "auto" clipping is ours, not 1.0
         ds_plugin.fill_match("gradient_clipping", must_match=False, gradient_clipping=cfg.grad_clip)
-        if cfg.siglip_trainable:  # said up front, not as accelerate's error after loading everything
-            raise ValueError("siglip_trainable=true trains a second module, and accelerate gives DeepSpeed one "
-                             "model per engine: fine-tune the encoder with DDP (train/accelerate/multi_gpu.yaml) "
-                             "or keep it frozen under DeepSpeed")
     set_seed(cfg.seed)
     main = accelerator.is_main_process
     if main:
@@ -387,11 +408,14 @@ def train(cfg: TrainConfig) -> Path:
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     hyper = [{k: g[k] for k in ("initial_lr", "betas", "weight_decay")} for g in optimizer.param_groups]
     # The LR schedule is not prepared: accelerate would step it once per process per step.
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # A fine-tuned encoder is trained inside the same module: one DDP reducer / DeepSpeed engine.
+    trained = ModelWithEncoder(model, tuned, mcfg.image_size) if tuned is not None else model
+    model, optimizer, loader = accelerator.prepare(trained, optimizer, loader)
+    unwrapped: HybridModel = accelerator.unwrap_model(model)
     if tuned is not None:
-        tuned = accelerator.prepare(tuned)  # trained: wrapped, checkpointed and synchronised too
+        unwrapped = unwrapped.model
     # EMA of the model's weights (fp32 shadow); it and the LR schedule are checkpointed with the run
-    ema = EMA(accelerator.unwrap_model(model), cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+    ema = EMA(unwrapped, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
     run_objects = {"lr_schedule": lr_sched, **({"ema": ema} if ema is not None and not ema.sharded else {})}
     shard_objects = {"ema": ema} if ema is not None and ema.sharded else None  # ZeRO-3: each rank its part
     # Diffusion timesteps and noise come from a generator reseeded from (seed, global batch
@@ -424,7 +448,6 @@ def train(cfg: TrainConfig) -> Path:
 
     log_file = (out / "log.jsonl").open("a") if main else None
     prompts = sample_prompts(world, cfg.num_samples, cfg.heldout_eval)
-    unwrapped: HybridModel = accelerator.unwrap_model(model)
     if main:
         head = f"scheduler={mcfg.scheduler}" if mcfg.image_head == "diffusion" else f"{mcfg.codebook_size} codes"
         # under ZeRO-3 a parameter is a placeholder here; ds_numel is its full size
@@ -480,22 +503,20 @@ def train(cfg: TrainConfig) -> Path:
             break
         consumed_skips += skips
         noise_gen.manual_seed(cfg.seed * 1_000_003**2 + micro * accelerator.num_processes + accelerator.process_index)
-        with accelerator.accumulate(*(m for m in (model, tuned) if m is not None)):
+        with accelerator.accumulate(model):
             und = None
             if batch.und_images.shape[0] and encoder is None:
                 raise ValueError("the data has understanding images (vqa records, or images with role "
                                  "'und') but no SigLIP encoder: set siglip_path")
-            if batch.und_images.shape[0]:
-                with torch.set_grad_enabled(tuned is not None):
-                    und = (tuned or encoder)(batch.und_images)  # (n_und, M, F)
-            elif tuned is not None:
-                # A fine-tuned encoder is its own DDP module: every rank must run it every step, or
-                # a rank whose batch has no understanding image leaves the others waiting.
-                idle = tuned(torch.zeros(1, 3, mcfg.image_size, mcfg.image_size, device=accelerator.device))
+            if batch.und_images.shape[0] and tuned is not None:
+                und = batch.und_images  # encoded inside the trained module (ModelWithEncoder)
+            elif batch.und_images.shape[0]:
+                with torch.no_grad():
+                    und = encoder(batch.und_images)  # (n_und, M, F)
+            elif encoder is not None and tuned is None:  # the aligner runs on nothing (hybrid_loss)
+                und = torch.zeros(0, mcfg.und_tokens, mcfg.und_feature_dim, device=accelerator.device)
             loss = hybrid_loss(model, batch, scheduler, codec, mcfg.patch_size, mcfg.image_loss_weight,
                                mcfg.attn_impl, und_features=und, generator=noise_gen, image_head=mcfg.image_head)
-            if und is None and tuned is not None:
-                loss.total = loss.total + idle.sum() * 0.0
             if step + 1 in cfg.fault_nan_steps:  # debug fault injection (see TrainConfig)
                 loss.total = loss.total * float("nan")
             accelerator.backward(loss.total)
@@ -503,8 +524,7 @@ def train(cfg: TrainConfig) -> Path:
             skipped = None
             if accelerator.sync_gradients:
                 # The norm over all processes' gradients (an infinite max_norm clips nothing).
-                trained = [*model.parameters(), *(tuned.parameters() if tuned is not None else ())]
-                grad_norm = accelerator.clip_grad_norm_(trained, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                 norm = torch.as_tensor(0.0 if grad_norm is None else float(grad_norm), device=accelerator.device)
                 # non-finite loss / gradient norm, on any process: every process takes the same decision
                 flags = torch.stack([~torch.isfinite(step_losses).all(), ~torch.isfinite(norm)]).float()
@@ -521,7 +541,7 @@ def train(cfg: TrainConfig) -> Path:
                 if skipped is None:
                     optimizer.step()
                     if ema is not None:
-                        ema.update(accelerator.unwrap_model(model))
+                        ema.update(unwrapped)
                 elif accelerator.scaler is not None:
                     accelerator.scaler.update()  # closes the unscale_ of clip_grad_norm_; lowers the scale
                 lr_sched.step()  # a skipped step still advances the schedule: LR stays f(step)
@@ -599,21 +619,30 @@ def train(cfg: TrainConfig) -> Path:
     # The full weights, gathered on the main process under ZeRO-3 (collective: every process
     # calls it; needs zero3_save_16bit_model), the unwrapped model's own state dict otherwise.
     weights = accelerator.get_state_dict(model)
+    tuned_weights = None
+    if tuned is not None and main:  # ModelWithEncoder's names: model.* and encoder.*
+        tuned_weights = {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
+        weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
     if ema is not None:  # collective too when sharded (ZeRO-3): one parameter gathered at a time
         ema_weights = ema.full_weights(unwrapped, accelerator.gather, accelerator.device, keep=main)
     if main:
         exported = HybridModel(mcfg)
         exported.load_state_dict(weights)  # copies into fp32 parameters
+        exported_encoder = encoder
+        if tuned_weights is not None:  # the fine-tuned encoder from the gathered weights (under
+            # ZeRO-3 the live one holds only this rank's partitions)
+            exported_encoder = SiglipEncoder.from_pretrained(siglip_path, trainable=True)
+            exported_encoder.load_state_dict(tuned_weights)
         # the pipeline's layout: model + tokenizer + scheduler + vq/ + siglip/ (the fine-tuned
         # encoder if siglip_trainable), self-contained for HybridPipeline.from_pretrained
-        HybridPipeline(exported, tokenizer, scheduler, codec if codec_name == "vq" else None, encoder
+        HybridPipeline(exported, tokenizer, scheduler, codec if codec_name == "vq" else None, exported_encoder
                        ).save_pretrained(final)
         if ema is not None:  # the same layout with the EMA weights
             with torch.no_grad():  # by parameter (not state-dict key): a tied weight takes its EMA, once
                 for name, p in exported.named_parameters():
                     if name in ema_weights:
                         p.copy_(ema_weights[name])
-            HybridPipeline(exported, tokenizer, scheduler, codec if codec_name == "vq" else None, encoder
+            HybridPipeline(exported, tokenizer, scheduler, codec if codec_name == "vq" else None, exported_encoder
                            ).save_pretrained(out / "final_ema")
         log_file.close()
     accelerator.wait_for_everyone()
