@@ -64,7 +64,7 @@ def hybrid_loss(
     elif image_head == "ar":
         with torch.no_grad():
             codes = codec.encode_codes(batch.gen_images).flatten(1)  # (n_gen, N) raster order
-    elif n_gen:
+    else:
         with torch.no_grad():
             x0 = patchify(codec.encode_latents(batch.gen_images), patch_size)  # (n_gen, N, P)
         t = scheduler.sample_timesteps(n_gen, device=x0.device, generator=generator)  # (n_gen,)

@@ -77,6 +77,13 @@ def weights(out: Path, folder: str = "final") -> dict[str, torch.Tensor]:
     return load_file(out / folder / "model.safetensors")
 
 
+def assert_same_weights(got: dict, ref: dict, atol: float) -> None:
+    """The same tensor names, and every tensor within ``atol``."""
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=atol, msg=k)
+
+
 def test_deepspeed_zero2_two_cpu_processes_match_one_and_resume_exactly(tmp_path):
     ds = tmp_path / "zero2"
     launch(ds)
@@ -93,9 +100,7 @@ def test_deepspeed_zero2_two_cpu_processes_match_one_and_resume_exactly(tmp_path
     assert "skipped" in b[2]
     assert_same_losses(b, a, a, rel=1e-5)
     wa, wb = weights(single), weights(ds)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-3, msg=k)
+    assert_same_weights(wb, wa, atol=1e-3)
 
     # resume: the run as it was when killed after its step-3 checkpoint, relaunched unchanged
     resumed = tmp_path / "resumed"
@@ -106,9 +111,7 @@ def test_deepspeed_zero2_two_cpu_processes_match_one_and_resume_exactly(tmp_path
     c = losses(resumed)
     assert sorted(c) == [1, 2, 3, 4, 5, 6]
     assert_same_losses(c, b, (4, 5, 6), rel=1e-6)
-    wc = weights(resumed)
-    for k in wb:
-        torch.testing.assert_close(wc[k], wb[k], rtol=0, atol=1e-6, msg=k)
+    assert_same_weights(weights(resumed), wb, atol=1e-6)
 
 
 def test_deepspeed_zero3_two_cpu_processes_resume_and_export_the_full_model(tmp_path):
@@ -129,10 +132,9 @@ def test_deepspeed_zero3_two_cpu_processes_resume_and_export_the_full_model(tmp_
     assert "skipped" in b[3]
     assert_same_losses(b, a, a, rel=1e-5)
     wa, wb = weights(single), weights(ds)
-    assert wa.keys() == wb.keys()
     for k in wa:
         assert wb[k].shape == wa[k].shape and wb[k].numel() > 0, k  # gathered, not the local shard
-        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-3, msg=k)
+    assert_same_weights(wb, wa, atol=1e-3)
     from hybrid.checkpoint import load_pretrained_model
 
     load_pretrained_model(ds / "final")  # loads strictly: nothing missing
@@ -140,8 +142,7 @@ def test_deepspeed_zero3_two_cpu_processes_resume_and_export_the_full_model(tmp_
         "run_objects.safetensors", "run_objects_rank0.safetensors", "run_objects_rank1.safetensors"]
     ea, eb = weights(single, "final_ema"), weights(ds, "final_ema")
     assert any(not torch.equal(ea[k], wa[k]) for k in ea)  # the EMA is not the weights
-    for k in ea:
-        torch.testing.assert_close(eb[k], ea[k], rtol=0, atol=1e-3, msg=k)
+    assert_same_weights(eb, ea, atol=1e-3)
 
     resumed = tmp_path / "resumed"
     shutil.copytree(ds, resumed)
@@ -151,10 +152,8 @@ def test_deepspeed_zero3_two_cpu_processes_resume_and_export_the_full_model(tmp_
     c = losses(resumed)
     assert sorted(c) == [1, 2, 3, 4]
     assert_same_losses(c, b, (3, 4), rel=1e-6)
-    wc, ec = weights(resumed), weights(resumed, "final_ema")
-    for k in wb:
-        torch.testing.assert_close(wc[k], wb[k], rtol=0, atol=1e-6, msg=k)
-        torch.testing.assert_close(ec[k], eb[k], rtol=0, atol=1e-6, msg=k)
+    assert_same_weights(weights(resumed), wb, atol=1e-6)
+    assert_same_weights(weights(resumed, "final_ema"), eb, atol=1e-6)
 
 
 @pytest.mark.parametrize("config", [ZERO2, ZERO3])
@@ -186,9 +185,7 @@ def test_deepspeed_fine_tunes_siglip_in_the_same_engine(tmp_path, config):
     assert_same_losses(b, a, a, rel=1e-5)
     for folder in ("final", "final/siglip"):
         wa, wb = weights(single, folder), weights(ds, folder)
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-3, msg=k)
+        assert_same_weights(wb, wa, atol=1e-3)
     before = load_file(tmp_path / "siglip" / "model.safetensors")
     assert any(not torch.equal(before[k], wb[k]) for k in before)  # fine-tuned, not the frozen copy
     # the offline export finds the model inside ModelWithEncoder's names (model.*, encoder.*)

@@ -70,15 +70,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-# The file names of hybrid.checkpoint and train.trainer (not imported: they pull in the model
-# code and accelerate, ~300 MB and ~10 s, which an exporter of weights does not need).
+from train.state_io import OBJECTS_FILE, STATE_FILE, latest_checkpoint, rank_objects_file
+
+# The file names of hybrid.checkpoint (not imported: it pulls in the model code, ~300 MB and ~10 s
+# with accelerate, which an exporter of weights does not need); the run's own come from state_io.
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 SCHEDULER_FILE = "scheduler.json"
-STATE_FILE = "trainer_state.json"
 TAG_FILE = "latest"
-OBJECTS_FILE = "run_objects.safetensors"  # train/state_io.py's, as train.trainer names them
-_RANK_OBJECTS = "run_objects_rank{}.safetensors"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # One write (and, for a cast, one buffer): 64 MiB of fp32. Bounds memory for any parameter size.
@@ -261,17 +260,6 @@ def load_ds_file(path: str | Path) -> dict:
                                          f"{', '.join(ALLOWED_GLOBALS)} are allowed):\n{e}") from None
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a training run (``train.trainer.latest_checkpoint``'s rule:
-    a ``step_*`` folder counts once its ``trainer_state.json``, written last, exists)."""
-    found = []
-    for p in (run_dir / "checkpoints").glob("step_*"):
-        m = re.fullmatch(r"step_(\d+)", p.name)
-        if m and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
-
-
 def _has_rank_files(folder: Path) -> bool:
     return any(_RANK_FILE.fullmatch(p.name) for p in folder.iterdir())
 
@@ -283,7 +271,7 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist or is not a folder")
     if not (path / TAG_FILE).is_file() and (path / "checkpoints").is_dir():
-        newest = newest_checkpoint(path)
+        newest = latest_checkpoint(path)
         if newest is None:
             raise FileNotFoundError(f"{path / 'checkpoints'} has no complete checkpoint (a step_* folder with "
                                     f"{STATE_FILE})")
@@ -515,7 +503,7 @@ class ZeroCheckpoint:
         weights: ``run_objects.safetensors`` holds the full fp32 shadow, or, under ZeRO-3, each
         rank's ``run_objects_rank{r}.safetensors`` its partition of every parameter (split as the
         master weights are, above). Memory-mapped like the rest. Returns the tensors replaced."""
-        whole, ranks = self.step_dir / OBJECTS_FILE, [self.step_dir / _RANK_OBJECTS.format(r) for r in range(self.world)]
+        whole, ranks = self.step_dir / OBJECTS_FILE, [self.step_dir / rank_objects_file(r) for r in range(self.world)]
         if ranks[0].is_file():
             missing = [p.name for p in ranks if not p.is_file()]
             if missing:

@@ -9,11 +9,16 @@ strings, lists, dicts, None) as JSON in that file's metadata. Loading runs no co
     load_objects({"lr_schedule": sched, "ema": ema}, ckpt / "run_objects.safetensors")
 
 Tuples come back as lists (JSON has no tuple); none of the saved objects cares.
+
+The checkpoint layout's names live here too (``STATE_FILE``, ``OBJECTS_FILE``,
+``rank_objects_file``, ``latest_checkpoint``): the trainer writes them and ``train.export_zero``
+reads them, and this module is light to import (the trainer pulls in the model code).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,8 +26,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FILE = "run_objects.safetensors"
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a checkpoint complete
+OBJECTS_FILE = "run_objects.safetensors"  # objects identical on every process (LR schedule, EMA)
 _TENSOR = "__tensor__"
+
+
+def rank_objects_file(rank: int) -> str:
+    """Each process's own objects (a ZeRO-3 EMA: that rank's partitions)."""
+    return f"run_objects_rank{rank}.safetensors"
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint ``output_dir/checkpoints/step_*`` (one whose
+    ``STATE_FILE`` was written last), or None."""
+    ckpts = []
+    for p in (Path(output_dir) / "checkpoints").glob("step_*"):
+        m = re.fullmatch(r"step_(\d+)", p.name)
+        if m and (p / STATE_FILE).is_file():
+            ckpts.append((int(m.group(1)), p))
+    return max(ckpts)[1] if ckpts else None
 
 
 class Stateful(Protocol):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -45,15 +44,15 @@ from hybrid.sequence import SampleBuilder, pack
 from hybrid.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 from train.ema import EMA
 from train.schedules import build_lr_lambda
-from train.state_io import Stateful, load_objects, save_objects
+# (STATE_FILE and latest_checkpoint are also imported from here by the vq / siglip stages and tests)
+from train.state_io import (OBJECTS_FILE, STATE_FILE, Stateful, latest_checkpoint, load_objects,
+                            rank_objects_file, save_objects)
 from train.config import TrainConfig, load_config  # noqa: F401  (the stage's config loader)
 from train.sources import REASONS, SampleLimit, build_sources, parse_data_spec
 from train.data import ShapesTrainSet, understanding_question
 from train.detect import detect, evaluate
 from train.shapes import ShapesWorld
 
-STATE_FILE = "trainer_state.json"
-STATE_OBJECTS = "run_objects.safetensors"
 
 
 class NonFiniteError(RuntimeError):
@@ -114,16 +113,6 @@ def pick_mixed_precision(configured: str | None) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint (one whose trainer_state.json was written last)."""
-    ckpts = []
-    for p in (output_dir / "checkpoints").glob("step_*"):
-        m = re.fullmatch(r"step_(\d+)", p.name)
-        if m and (p / STATE_FILE).is_file():
-            ckpts.append((int(m.group(1)), p))
-    return max(ckpts)[1] if ckpts else None
-
-
 def save_run(accelerator, out: Path, step: int, key: str, value, keep: int, extra: dict | None = None,
              objects: dict[str, Stateful] | None = None, sharded: dict[str, Stateful] | None = None) -> Path:
     """Save the run state as ``out/checkpoints/step_XXXXXXX``: accelerate's (model, optimizer, RNG
@@ -136,11 +125,11 @@ def save_run(accelerator, out: Path, step: int, key: str, value, keep: int, extr
     path = out / "checkpoints" / f"step_{step:07d}"
     accelerator.save_state(str(path))
     if sharded:
-        save_objects(sharded, path / sharded_file(accelerator.process_index))
+        save_objects(sharded, path / rank_objects_file(accelerator.process_index))
     accelerator.wait_for_everyone()  # every process's files are on disk before the marker
     if accelerator.is_main_process:
         if objects:
-            save_objects(objects, path / STATE_OBJECTS)
+            save_objects(objects, path / OBJECTS_FILE)
         tmp = path / (STATE_FILE + ".tmp")  # written whole, then renamed: never a half-written marker
         tmp.write_text(json.dumps({"step": step, key: value, **(extra or {})}))
         os.replace(tmp, path / STATE_FILE)
@@ -152,10 +141,6 @@ def save_run(accelerator, out: Path, step: int, key: str, value, keep: int, extr
                 shutil.rmtree(broken, ignore_errors=True)
     accelerator.wait_for_everyone()
     return path
-
-
-def sharded_file(rank: int) -> str:
-    return f"run_objects_rank{rank}.safetensors"
 
 
 def resume_run(accelerator, out: Path, resume: str, key: str, expected,
@@ -197,9 +182,9 @@ def resume_state(accelerator, out: Path, resume: str, key: str, expected, train_
     # engine reads its sharded files itself (with pickle: resume only from checkpoints you wrote)
     accelerator.load_state(str(ckpt))
     if objects:
-        load_objects(objects, ckpt / STATE_OBJECTS)
+        load_objects(objects, ckpt / OBJECTS_FILE)
     if sharded:
-        load_objects(sharded, ckpt / sharded_file(accelerator.process_index), accelerator.device)
+        load_objects(sharded, ckpt / rank_objects_file(accelerator.process_index), accelerator.device)
     accelerator.print(f"resumed from {ckpt} at step {state['step']}")
     if accelerator.is_main_process:
         drop_log_after(out / "log.jsonl", state["step"])
@@ -316,8 +301,9 @@ def train(cfg: TrainConfig) -> Path:
         PartialState(backend=get_accelerator().communication_backend_name())
     accelerator = Accelerator(
         mixed_precision=pick_mixed_precision(cfg.mixed_precision),
-        # Some steps leave modules without gradient (no understanding image in a rank's batch ->
-        # no aligner gradient; a text-only batch -> no image head): DDP must not wait for them.
+        # hybrid_loss runs an absent image head on nothing, but some modules can still go without
+        # gradient (the aligner of a run without a SigLIP encoder; the LM head in a batch with no
+        # text target): DDP must not wait for them.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard",
