@@ -182,6 +182,111 @@ def mmbench_sections(runs: list[Path]) -> list[Section]:
     return sections
 
 
+# ---------------------------------------------------------------- training curves
+
+# What each stage's log.jsonl is plotted as: panels of (title, keys); keys missing from a log are skipped.
+CURVES: dict[str, list[tuple[str, list[str]]]] = {
+    "vq": [("reconstruction MSE (train batches)", ["recon_mse"]),
+           ("held-out PSNR (dB)", ["heldout_psnr"]),
+           ("held-out codebook use, detector accuracy of reconstructions",
+            ["heldout_codebook_used", "heldout_detect_accuracy"])],
+    "siglip": [("sigmoid loss", ["loss"]),
+               ("zero-shot top-1", ["heldout_i2t_top1", "heldout_t2i_top1", "train_i2t_top1", "train_t2i_top1"])],
+    "hybrid": [("text loss", ["text_loss"]), ("image loss", ["image_loss"]),
+               ("periodic checks", ["sample_accuracy_train", "sample_accuracy_heldout",
+                                    "answer_accuracy_train", "answer_accuracy_heldout"])],
+}
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a stage's log.jsonl (skipped-step records included; a torn last line ignored)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_curves(log: Path, panels: list[tuple[str, list[str]]], dest: Path, title: str) -> Path | None:
+    """One PNG with a panel per (title, keys) against the training step; None if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    rows = read_log(log)
+    series = [(t, [(k, [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]) for k in keys])
+              for t, keys in panels]
+    series = [(t, [(k, pts) for k, pts in ks if pts]) for t, ks in series]
+    series = [(t, ks) for t, ks in series if ks]
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
+    for ax, (t, ks) in zip(axes[0], series):
+        for k, pts in ks:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, markersize=3, label=k)
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if len(ks) > 1:
+            ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return dest
+
+
+# ---------------------------------------------------------------- the recipe's report
+
+RECIPE_METRICS = (("geneval_overall", "GenEval overall"), ("geneval_single_object", "GenEval single_object"),
+                  ("mmbench_circular", "MMBench CircularEval"))
+
+
+def build_recipe_report(out: Path, scores: dict, targets: dict, times: dict[str, float],
+                        commands: list[list[str]]) -> Path:
+    """The report of ``python -m train.recipe``: scores against the targets, stage times, loss
+    curves of every stage, the hybrid run's last training samples, then the evaluation report."""
+    import shlex
+    import shutil
+
+    rep = out / "report"
+    summary = Section("Summary", ["Shapes-world scores of this run against the targets (training compositions / "
+                                  "held-out compositions; held-out = colour-shape pairs never seen in training).", ""])
+    rows = []
+    for key, label in RECIPE_METRICS:
+        got = [scores.get(f"{key}_{s}") for s in ("train", "heldout")]
+        met = "yes" if got[0] is not None and got[0] >= targets[key] else "no"
+        rows.append([label, f"{targets[key]:.2f}", *("-" if g is None else f"{g:.3f}" for g in got), met])
+    summary.lines += table(["metric", "target", "training compositions", "held-out", "target met"], rows)
+    summary.lines += ["", "Stage wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()), ""]
+    curves = Section("Training curves", [])
+    for stage in ("vq", "siglip", "hybrid"):
+        log = out / stage / "log.jsonl"
+        if log.is_file():
+            png = plot_curves(log, CURVES[stage], rep / "curves" / f"{stage}.png", f"{stage} ({log})")
+            if png is not None:
+                curves.lines += [f"![{stage}]({png.relative_to(rep).as_posix()})", ""]
+    samples = sorted((out / "hybrid" / "samples").glob("step_*.png"))
+    if samples:
+        rep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(samples[-1], rep / "training_samples.png")
+        prompts = samples[-1].with_suffix(".txt")
+        curves.lines += [f"Samples at the end of training ({samples[-1].name}; prompts in order, left to right, "
+                         "top to bottom):", "", "![samples](training_samples.png)", ""]
+        if prompts.is_file():
+            curves.lines += [f"{line}" for line in prompts.read_text().splitlines()] + [""]
+    cmds = Section("Commands", ["What the recipe ran, in order:", ""] + [f"`{shlex.join(c)}`" for c in commands])
+    runs = [p for p in (out / "eval" / f"{kind}_{split}" for kind in ("geneval", "mmbench")
+                        for split in ("train", "heldout")) if p.is_dir()]
+    return build_report(runs, rep, title=f"hybrid recipe: {out}", preface=[summary, curves], epilogue=[cmds])
+
+
 # ---------------------------------------------------------------- output
 
 def to_markdown(sections: list[Section], title: str) -> str:
@@ -234,20 +339,23 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
-def build_report(runs: list[Path], out: Path, prompts_per_task: int = 3, title: str = "hybrid evaluation") -> Path:
+def build_report(runs: list[Path], out: Path, prompts_per_task: int = 3, title: str = "hybrid evaluation",
+                 preface: list[Section] | None = None, epilogue: list[Section] | None = None) -> Path:
+    """report.md + report.html over evaluation folders, with optional sections before and after."""
     runs = [Path(r) for r in runs]
     missing = [r for r in runs if not r.is_dir()]
     if missing:
         raise FileNotFoundError(f"no such run folder: {', '.join(map(str, missing))}")
     kinds = {r: kind_of(r) for r in runs}
     out.mkdir(parents=True, exist_ok=True)
-    sections = []
+    sections = list(preface or [])
     gen = [r for r in runs if kinds[r] == "geneval"]
     mmb = [r for r in runs if kinds[r] == "mmbench"]
     if gen:
         sections += geneval_sections(gen, out, prompts_per_task)
     if mmb:
         sections += mmbench_sections(mmb)
+    sections += epilogue or []
     (out / "report.md").write_text(to_markdown(sections, title))
     (out / "report.html").write_text(to_html(sections, title))
     return out / "report.md"
