@@ -1,13 +1,15 @@
 # Two commands for a fresh machine:
-#   make demo   create .venv, train the `tiny` preset on the shapes world, write sample images
+#   make demo   create .venv, run the default recipe (python -m train.recipe): VQ tokenizer ->
+#               SigLIP -> hybrid model on the shapes world -> GenEval + MMBench -> runs/recipe/report/
 #   make test   create .venv, run the test suite
-# and: make visual  (VQ + SigLIP stages, then the hybrid model on them with both generation heads)
+# and: make tiny    (the `tiny` preset alone, pixel-space diffusion, ~15 min)
+#      make visual  (VQ + SigLIP stages, then the hybrid model on them with both generation heads)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo visual test install clean
+.PHONY: demo tiny visual test install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +19,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python -m train.recipe $(ARGS)
+
+tiny: $(STAMP)
 	$(BIN)/python -m train train/configs/tiny.yaml $(ARGS)
 	@echo "sample images: <output_dir>/samples/ (runs/tiny by default; prompts in the .txt beside each .png)"
 

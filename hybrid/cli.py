@@ -5,9 +5,9 @@
     hybrid generate "the same, but green" -o g.png --image sq_0.png             # input image in the prompt
     hybrid chat --image out.png "What is in the picture?" --max-new-tokens 32
     hybrid interleave "Here is a picture." -o story/                             # story/image_0.png ...
-    hybrid info runs/tiny/final
+    hybrid info runs/recipe/hybrid/final
 
-Every command takes ``--model DIR`` (default: $HYBRID_MODEL, else runs/tiny/final, which
+Every command takes ``--model DIR`` (default: $HYBRID_MODEL, else runs/recipe/hybrid/final, which
 ``make demo`` writes), ``--device`` (default cuda when available) and ``--dtype``. Errors from the
 pipeline (missing files, bad arguments) print ``hybrid: error: ...`` and exit with code 2.
 """
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from hybrid.pipeline import DTYPES, HybridPipeline
 
-DEFAULT_MODEL = "runs/tiny/final"  # where `make demo` puts its exported model
+DEFAULT_MODEL = "runs/recipe/hybrid/final"  # where `make demo` (python -m train.recipe) puts its model
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 EPILOG = """examples:
@@ -34,9 +34,9 @@ EPILOG = """examples:
   hybrid generate "a photo of two blue squares" -o sq.png --num-images 4 --steps 50 --cfg 4
   hybrid chat --image out.png "What is in the picture?"
   hybrid interleave "Here is a picture." -o story/
-  hybrid info runs/tiny/final
+  hybrid info runs/recipe/hybrid/final
 
-The model folder comes from --model, else $HYBRID_MODEL, else runs/tiny/final (make demo).
+The model folder comes from --model, else $HYBRID_MODEL, else runs/recipe/hybrid/final (make demo).
 `hybrid COMMAND --help` lists a command's options."""
 
 EXAMPLES = {
@@ -53,8 +53,8 @@ EXAMPLES = {
   hybrid interleave "Here is a picture." -o story/
   hybrid interleave "Here is a picture." -o story/ --max-images 2 --steps 50 --seed 3""",
     "info": """examples:
-  hybrid info runs/tiny/final
-  hybrid info                   # the default model ($HYBRID_MODEL or runs/tiny/final)""",
+  hybrid info runs/recipe/hybrid/final
+  hybrid info                   # the default model ($HYBRID_MODEL or runs/recipe/hybrid/final)""",
 }
 
 

@@ -142,7 +142,7 @@ def test_model_folder_comes_from_the_env_and_a_missing_one_is_a_clear_error(mode
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HYBRID_MODEL", raising=False)
     code, _, err = run(capsys, "info")
-    assert code == 2 and "runs/tiny/final" in err and "make demo" in err and "Traceback" not in err
+    assert code == 2 and "runs/recipe/hybrid/final" in err and "make demo" in err and "Traceback" not in err
     monkeypatch.setenv("HYBRID_MODEL", str(model_dir))
     code, out, _ = run(capsys, "info")
     assert code == 0 and re.search(rf"^folder\s+{re.escape(str(model_dir))}$", out, re.MULTILINE)

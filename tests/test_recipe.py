@@ -120,3 +120,19 @@ def test_plot_curves_draws_what_the_log_has(tmp_path):
         assert im.format == "PNG"
     assert plot_curves(log, [("absent", ["nothing"])], tmp_path / "d.png", "t") is None
     assert not (tmp_path / "d.png").exists()
+
+
+@pytest.mark.parametrize("folder", ["train/configs/recipe", "train/configs/recipe_gpu"])
+def test_recipe_configs_are_valid(folder):
+    """Both recipes' stage files pass their stages' config checks (the GPU one has not run here)."""
+    import yaml
+
+    from train import siglip_stage, trainer, vq_stage
+    from train.recipe import EvalSettings
+
+    d = ROOT / folder
+    assert vq_stage.load_config(d / "vq.yaml", []).stage == "vq"
+    assert siglip_stage.load_config(d / "siglip.yaml", []).stage == "siglip"
+    cfg = trainer.load_config(d / "hybrid.yaml", [])
+    assert cfg.vq_path and cfg.siglip_path and cfg.mix_understand > 0 and cfg.model_config().image_codec == "vq"
+    EvalSettings(**yaml.safe_load((d / "eval.yaml").read_text()))

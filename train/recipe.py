@@ -20,7 +20,7 @@ Writes::
     OUT/eval/mmbench_{train,heldout}/       predictions and CircularEval scores (summary.json)
     OUT/report/report.{md,html}             scores against the targets, loss curves, image grids
     OUT/logs/<stage>.log                    each stage's own output
-    OUT/recipe.json                         stage times and the headline scores
+    OUT/recipe.json                         stage times and the headline scores (earlier invocations in "history")
 """
 
 from __future__ import annotations
@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                          "ablations of the hybrid stage on the same components")
     ap.add_argument("--jobs", type=int, default=None,
                     help="stages run side by side where they can (default: 2 on a CPU with >= 2 cores, 1 on a GPU)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per stage process (default: the cores shared among the jobs running); "
+                         "1 when other work shares the machine: on a busy CPU a 2-thread step stalls")
     a = ap.parse_args(argv)
     try:
         return run_recipe(a)
@@ -286,7 +289,7 @@ def run_recipe(a: argparse.Namespace) -> int:
         t = time.time()
         for lo in range(0, len(group), jobs):
             chunk = group[lo:lo + jobs]
-            run_jobs(chunk, max(1, cores // len(chunk)), t0)
+            run_jobs(chunk, a.threads or max(1, cores // len(chunk)), t0)
         times[name] = time.time() - t
 
     phase("vq + siglip", [vq, siglip])
@@ -305,9 +308,14 @@ def run_recipe(a: argparse.Namespace) -> int:
     report = build_recipe_report(out, scores, TARGETS, times, [c for j in all_jobs for c in j.commands])
     times["report"] = time.time() - t
     total = time.time() - t0
-    (out / "recipe.json").write_text(json.dumps({"configs": str(configs), "quick": a.quick, "overrides": a.set,
-                                                 "device": "cuda" if gpu else "cpu", "seconds": times,
-                                                 "total_seconds": total, "scores": scores}, indent=2) + "\n")
+    record = {"configs": str(configs), "quick": a.quick, "overrides": a.set, "device": "cuda" if gpu else "cpu",
+              "seconds": times, "total_seconds": total, "scores": scores}
+    prev = out / "recipe.json"  # earlier invocations (e.g. the one that trained, before a resume) stay on record
+    history = []
+    if prev.is_file():
+        old = json.loads(prev.read_text())
+        history = old.pop("history", []) + [old]
+    prev.write_text(json.dumps({**record, "history": history}, indent=2) + "\n")
     print(f"\nrecipe finished in {_fmt(total)} (" + ", ".join(f"{k} {_fmt(v)}" for k, v in times.items()) + ")")
     for key, label in (("geneval_overall", "GenEval overall"), ("geneval_single_object", "GenEval single_object"),
                        ("mmbench_circular", "MMBench CircularEval")):
