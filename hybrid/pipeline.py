@@ -1,6 +1,6 @@
 """HybridPipeline: a trained model and its components behind one generation API.
 
-    pipe = HybridPipeline.from_pretrained("runs/tiny/final")
+    pipe = HybridPipeline.from_pretrained("runs/recipe/hybrid/final")
     pipe.generate_text("Describe the image.", images=["x.png"])          # understanding
     pipe.generate_image("a photo of a red circle", num_images=4, seed=0)  # generation
     pipe.generate_interleaved("Here is a picture.")                     # text, <boi>, image, text
