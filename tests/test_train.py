@@ -210,3 +210,53 @@ def test_ema_and_wsd_schedule_resume_exactly(tmp_path):
     assert len(log) == 6
     for r in log:  # lr logged after the step's scheduler update: the multiplier of step r["step"]
         assert r["lr"] == pytest.approx(cfg.lr * f(r["step"]), rel=1e-9), r
+
+
+def test_text_answers_are_scored_as_the_training_loss_reads_them(debug_cfg):
+    """mc_answer="text": the trained answer is the right option's text (then <eos>), and each
+    option's score is minus the summed text loss hybrid_loss gives for that option's training
+    sample alone; answer_accuracy picks the best-scored option."""
+    from encoders.latents import PixelCodec
+    from encoders.siglip import SiglipEncoder
+    from hybrid.losses import hybrid_loss
+    from hybrid.model import HybridModel
+    from hybrid.sequence import SampleBuilder
+    from hybrid.tokenizer import special_token_ids, train_tokenizer
+    from train.data import understanding_question
+    from train.shapes import ShapesWorld
+    from train.trainer import answer_accuracy, option_scores
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    world = ShapesWorld(seed=0)
+    tokenizer = train_tokenizer(world.corpus_texts(2000), 320)
+    cfg = type(debug_cfg).from_preset("debug", vocab_size=len(tokenizer), **special_token_ids(tokenizer),
+                                      und_feature_dim=32, und_tokens=16)
+    torch.manual_seed(0)
+    model = HybridModel(cfg).eval()
+    tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    encoder = SiglipEncoder.from_transformers_model(tower, SiglipImageProcessor(size={"height": 32, "width": 32}))
+    sb = SampleBuilder(tokenizer, cfg, caption_dropout=0.0)
+    qs = [world.question_example(i, "train") for i in range(6)]
+    with torch.no_grad():
+        expected = []
+        for q in qs:
+            assert understanding_question(q, style="text")[-1] == " " + q.options[q.answer]
+            row = []
+            for k in "ABCD":
+                batch = sb([understanding_question(q, style="text", option=k)])
+                n = int((batch.targets != -100).sum())  # the option's tokens and <eos>
+                assert n == len(tokenizer.encode(" " + q.options[k], add_special_tokens=False)) + 1
+                out = hybrid_loss(model, batch, None, PixelCodec(), cfg.patch_size,
+                                  und_features=encoder(batch.und_images))
+                row.append(-out.text.item() * n)  # mean CE over the answer -> summed log-likelihood
+            expected.append(row)
+        expected = torch.tensor(expected)
+        torch.testing.assert_close(option_scores(model, encoder, sb, qs, "text"), expected, rtol=1e-4, atol=1e-4)
+        got = answer_accuracy(model, encoder, sb, world, "train", len(qs), batch_size=8, style="text")
+    right = expected.argmax(-1) == torch.tensor(["ABCD".index(q.answer) for q in qs])
+    assert got["all"] == pytest.approx(right.float().mean().item())
+    with pytest.raises(ValueError, match="mc_answer"):
+        understanding_question(qs[0], style="words")
+    with pytest.raises(ValueError, match="mc_answer"):
+        load_config(DEBUG, ["mc_answer=words"])

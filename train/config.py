@@ -42,6 +42,9 @@ class TrainConfig:
     mix_caption: float = 0.85  # caption -> image samples
     mix_interleaved: float = 0.15  # text, image, text, image documents
     mix_understand: float = 0.0  # image -> caption / multiple-choice answer, through the SigLIP path
+    # what a multiple-choice answer is trained as: "letter" ("B") or "text" (" a red circle", the
+    # right option's text); both are what MMBench's answer matching reads (train/data.py)
+    mc_answer: str = "letter"
     tokenizer: str | None = None  # a local HF tokenizer folder; None: train one on the world's text
     tokenizer_vocab: int = 512
     batch_size: int = 16  # samples per step and process (packed into rows of seq_len)
@@ -128,6 +131,8 @@ class TrainConfig:
         mixes = (self.mix_caption, self.mix_interleaved, self.mix_understand)
         if min(mixes) < 0 or sum(mixes) <= 0:
             problems.append("mix_caption, mix_interleaved and mix_understand must be >= 0 and not all 0")
+        if self.mc_answer not in ("letter", "text"):
+            problems.append(f"mc_answer must be 'letter' or 'text', got {self.mc_answer!r}")
         if self.mix_understand > 0 and not self.siglip_path and not self.init_from:
             problems.append("mix_understand > 0 needs siglip_path (a SiglipEncoder folder, e.g. runs/siglip/final)")
         if self.model_config().image_codec == "vq" and not self.vq_path and not self.init_from:

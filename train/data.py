@@ -23,12 +23,28 @@ def understanding_caption(image, caption: str) -> list:
     return [ImageSegment(image, "und"), TextSegment(CAPTION_INSTRUCTION, loss=False), " " + caption]
 
 
-def understanding_question(q: QuestionExample, with_answer: bool = True) -> list:
-    """MMBench-style: image, question and options as context; the loss is on the answer letter.
-    The letter is its own segment with no leading space, so that it is a single token for any
-    byte-level tokenizer (" A" is one token only if the BPE happened to merge it)."""
+MC_ANSWERS = ("letter", "text")
+
+
+def mc_answer_text(q: QuestionExample, option: str, style: str = "letter") -> str:
+    """The trained answer to ``q`` if ``option`` (a letter) were right: the letter itself, or
+    (``style="text"``) that option's text after a space. The letter is its own segment with no
+    leading space, so that it is a single token for any byte-level tokenizer (" A" is one token
+    only if the BPE happened to merge it)."""
+    if style not in MC_ANSWERS:
+        raise ValueError(f"mc_answer must be one of {MC_ANSWERS}, got {style!r}")
+    return option if style == "letter" else " " + q.options[option]
+
+
+def understanding_question(q: QuestionExample, with_answer: bool = True, style: str = "letter",
+                           option: str | None = None) -> list:
+    """MMBench-style: image, question and options as context; the loss is on the answer: the
+    right option's letter, or with ``style="text"`` its text. MMBench maps either to a choice
+    (VLMEvalKit's matching: a lone option letter, else exactly one option text in the output);
+    the text answer asks the model what the image shows rather than to bind it to a letter too.
+    ``option`` puts another option's answer there (scoring every option by likelihood)."""
     segs = [ImageSegment(q.image, "und"), TextSegment(q.format(), loss=False)]
-    return segs + [q.answer] if with_answer else segs
+    return segs + [mc_answer_text(q, option or q.answer, style)] if with_answer else segs
 
 
 class ShapesTrainSet(Dataset):
@@ -42,8 +58,12 @@ class ShapesTrainSet(Dataset):
         caption_dropout: float = 0.1,
         split: str = "train",
         seed: int = 0,
+        mc_answer: str = "letter",
     ):
+        if mc_answer not in MC_ANSWERS:
+            raise ValueError(f"mc_answer must be one of {MC_ANSWERS}, got {mc_answer!r}")
         self.world, self.length, self.split, self.seed = world, length, split, seed
+        self.mc_answer = mc_answer
         total = mix_caption + mix_interleaved + mix_understand
         self.p_caption = mix_caption / total
         self.p_interleaved = mix_interleaved / total
@@ -65,5 +85,6 @@ class ShapesTrainSet(Dataset):
         if rng.random() < 0.5:
             ex = self.world.caption_example(index, self.split)
             return {"segments": understanding_caption(ex.image, ex.prompt), "drop_caption": False}
-        return {"segments": understanding_question(self.world.question_example(index, self.split)),
+        return {"segments": understanding_question(self.world.question_example(index, self.split),
+                                                   style=self.mc_answer),
                 "drop_caption": False}

@@ -3,6 +3,7 @@
     python -m train.sample_eval runs/tiny_vq/final --n 96
     python -m train.sample_eval runs/tiny_ar/final --n 96 --seeds 0 1
     python -m train.sample_eval runs/tiny_und/final --understanding --n 200
+    python -m train.sample_eval runs/recipe/hybrid/final --understanding --mc-answer text
 
 Generates one image per prompt for ``n`` GenEval-format prompts (half from the training
 compositions, half held out; spread over the six tags) and applies the shapes detector with
@@ -56,7 +57,7 @@ def score_run(final: Path, n: int, seeds: list[int], guidance_scale: float = 3.0
 
 
 @torch.no_grad()
-def understanding_report(final: Path, n: int, seed: int = 0) -> dict:
+def understanding_report(final: Path, n: int, seed: int = 0, style: str = "letter") -> dict:
     from hybrid.losses import hybrid_loss
     from hybrid.sequence import SampleBuilder
     from train.data import understanding_caption, understanding_question
@@ -70,10 +71,10 @@ def understanding_report(final: Path, n: int, seed: int = 0) -> dict:
     report: dict = {}
     for split in ("train", "heldout"):
         report |= {f"answer_accuracy_{split}/{k}": round(v, 4)
-                   for k, v in answer_accuracy(model, encoder, builder, world, split, n).items()}
+                   for k, v in answer_accuracy(model, encoder, builder, world, split, n, style=style).items()}
         for kind in ("caption", "answer"):
             items = [understanding_caption(world.caption_example(i, split).image, world.caption_example(i, split).prompt)
-                     if kind == "caption" else understanding_question(world.question_example(i, split))
+                     if kind == "caption" else understanding_question(world.question_example(i, split), style=style)
                      for i in range(min(n, 128))]
             batch = builder(items)
             feats = encoder(batch.und_images)  # (n, M, F)
@@ -95,13 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-confidence", type=float, default=0.3,
                         help="detector threshold (0.3, GenEval's); higher rejects more clutter")
     parser.add_argument("--understanding", action="store_true", help="score the understanding path instead")
+    parser.add_argument("--mc-answer", choices=("letter", "text"), default="letter",
+                        help="how the run was trained to answer multiple choice (its mc_answer)")
     args = parser.parse_args(argv)
     if not (args.final / "config.json").is_file():
         parser.error(f"{args.final} is not a run's final/ folder (no config.json)")
     if args.understanding:
         if not (args.final / "siglip").is_dir():
             parser.error(f"{args.final} has no siglip/: the run did not train the understanding path")
-        print(json.dumps(understanding_report(args.final, args.n, args.seeds[0]), indent=2))
+        print(json.dumps(understanding_report(args.final, args.n, args.seeds[0], args.mc_answer), indent=2))
     else:
         print(json.dumps(score_run(args.final, args.n, args.seeds, args.guidance_scale,
                                    min_confidence=args.min_confidence), indent=2))

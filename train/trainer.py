@@ -246,29 +246,46 @@ def score_samples(pixels: torch.Tensor, rows: list[dict]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def answer_accuracy(model: HybridModel, encoder: SiglipEncoder, builder: SampleBuilder, world: ShapesWorld,
-                    split: str, n: int, batch_size: int = 16) -> dict[str, float]:
-    """MMBench-style multiple choice through the understanding path: the model reads image,
-    question and options, and its answer is the most likely of the four option letters at the
-    position where the answer would start. Returns the accuracy overall ("all") and per question
-    category (chance: 0.25)."""
+def option_scores(model: HybridModel, encoder: SiglipEncoder, builder: SampleBuilder, qs: list,
+                  style: str = "letter") -> torch.Tensor:
+    """(n, 4) scores of options A..D for multiple-choice questions ``qs`` read through the
+    understanding path (image, question, options). ``style="letter"``: the logits of the four
+    letter tokens where the answer starts; ``style="text"``: the summed log-probability of each
+    option's answer text and the ``<eos>`` after it (the tokens training puts a loss on)."""
     letters = [builder.tokenizer.encode(k, add_special_tokens=False) for k in "ABCD"]
     if any(len(t) != 1 for t in letters) or len({t[0] for t in letters}) != 4:
         raise ValueError(f"the option letters A..D must be one distinct token each, got {letters}")
     letters = [t[0] for t in letters]
-    device = next(model.parameters()).device
-    hits: dict[str, list[bool]] = {}
-    for lo in range(0, n, batch_size):
-        qs = [world.question_example(i, split) for i in range(lo, min(n, lo + batch_size))]
+    if style == "letter":
         samples = [builder.tokenize(understanding_question(q, with_answer=False)) for q in qs]
-        batch = pack(samples, max(len(s) for s in samples), builder.ids.pad, packing=False,
-                     bidirectional=builder.bidirectional).to(device)
-        T = batch.input_ids.shape[1]
-        last = torch.tensor([b * T + len(s) - 2 for b, s in enumerate(samples)], device=device)  # before <eos>
-        out = model(batch.input_ids, batch.position_ids, batch.attention_mask(model.config.attn_impl),
-                    und_features=encoder(batch.und_images), und_index=batch.und_index, logits_index=last)
-        picks = out.logits[:, letters].argmax(-1).tolist()  # (n,)
-        for p, q in zip(picks, qs):
+    else:
+        samples = [builder.tokenize(understanding_question(q, style=style, option=k)) for q in qs for k in "ABCD"]
+    device = next(model.parameters()).device
+    batch = pack(samples, max(len(s) for s in samples), builder.ids.pad, packing=False,
+                 bidirectional=builder.bidirectional).to(device)
+    T = batch.input_ids.shape[1]
+    last = None
+    if style == "letter":  # the position before <eos> reads the answer
+        last = torch.tensor([b * T + len(s) - 2 for b, s in enumerate(samples)], device=device)
+    out = model(batch.input_ids, batch.position_ids, batch.attention_mask(model.config.attn_impl),
+                und_features=encoder(batch.und_images), und_index=batch.und_index, logits_index=last)
+    if style == "letter":
+        return out.logits[:, letters].float()  # (n, 4)
+    logp = out.logits.float().log_softmax(-1)  # (4n, T, V)
+    tok = logp.gather(-1, batch.targets.clamp(min=0)[..., None])[..., 0]  # (4n, T)
+    return (tok * (batch.targets != -100)).sum(-1).view(len(qs), 4)
+
+
+def answer_accuracy(model: HybridModel, encoder: SiglipEncoder, builder: SampleBuilder, world: ShapesWorld,
+                    split: str, n: int, batch_size: int = 16, style: str = "letter") -> dict[str, float]:
+    """MMBench-style multiple choice through the understanding path: the answer is the option
+    with the highest ``option_scores``. Returns the accuracy overall ("all") and per question
+    category (chance: 0.25)."""
+    hits: dict[str, list[bool]] = {}
+    per_batch = batch_size if style == "letter" else max(1, batch_size // 4)  # text: 4 samples a question
+    for lo in range(0, n, per_batch):
+        qs = [world.question_example(i, split) for i in range(lo, min(n, lo + per_batch))]
+        for p, q in zip(option_scores(model, encoder, builder, qs, style).argmax(-1).tolist(), qs):
             right = "ABCD"[p] == q.answer
             hits.setdefault("all", []).append(right)
             hits.setdefault(q.category, []).append(right)
@@ -380,7 +397,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.shapes_data:
         dataset = ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
                                  mix_understand=cfg.mix_understand, caption_dropout=mcfg.caption_dropout,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, mc_answer=cfg.mc_answer)
     else:  # files: bad records are skipped (counted by reason) or raise, per data_on_error
         dataset = build_sources(parse_data_spec(cfg.data), mcfg.image_size, 10_000_000, seed=cfg.seed,
                                 caption_dropout=mcfg.caption_dropout, limit=SampleLimit.from_builder(collate),
@@ -461,7 +478,7 @@ def train(cfg: TrainConfig) -> Path:
         scores = score_samples(pixels, prompts)
         if cfg.mix_understand > 0:
             for split in ("train", "heldout"):
-                acc = answer_accuracy(unwrapped, encoder, collate, world, split, cfg.und_eval)
+                acc = answer_accuracy(unwrapped, encoder, collate, world, split, cfg.und_eval, style=cfg.mc_answer)
                 scores[f"answer_accuracy_{split}"] = acc.pop("all")
                 scores.update({f"answer_accuracy_{split}/{k}": v for k, v in acc.items()})
         if main:
