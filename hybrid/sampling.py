@@ -35,8 +35,9 @@ Generators = torch.Generator | list[torch.Generator] | None
 
 def scheduler_for(cfg: HybridConfig) -> Scheduler:
     """The model's configured scheduler. DDPM clips its x0 estimate to [-1, 1] when the latents
-    are bounded pixels: at t=999 the cosine schedule divides by sqrt(alpha_bar) ~ 0.007, and an
-    unclipped estimate from an imperfect model blows the sampling chain up to saturated noise."""
+    are bounded pixels: at the noisiest steps the cosine schedule divides by a small
+    sqrt(alpha_bar) (0.06 at the default first step t=960), and bounded pixels make clipping an
+    exact guard against an imperfect model's overshoot."""
     if cfg.scheduler == "ddpm":
         return get_scheduler("ddpm", clip_sample=cfg.image_codec == "pixel")
     return get_scheduler(cfg.scheduler)

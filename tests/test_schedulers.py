@@ -189,8 +189,39 @@ def test_ddpm_sampling_loop_matches_diffusers(spacing):
 def test_ddpm_inference_timesteps(steps):
     ts = DDPM().set_timesteps(steps)
     assert ts.dtype == torch.float32 and len(ts) == steps
-    assert ts[0] == 999 and torch.equal(ts, ts.round())  # trailing: start from pure noise
-    assert DDPM(timestep_spacing="leading").set_timesteps(steps)[0] == 1000 - 1000 // steps
+    assert ts[0] == 1000 - 1000 // steps and torch.equal(ts, ts.round())  # leading (the default)
+    assert DDPM(timestep_spacing="trailing").set_timesteps(steps)[0] == 999
+
+
+def _oracle_stds(s: DDPM, x0: torch.Tensor, error: float, steps: int = 25) -> tuple[torch.Tensor, list[float]]:
+    """Sample with a model that knows x0 and predicts epsilon with an absolute error ``error``;
+    returns the final sample and the std of the sample after every step."""
+    g = torch.Generator().manual_seed(0)
+    abar = s._ddpm.alphas_cumprod
+    x = torch.randn(x0.shape, generator=g)
+    stds = []
+    s.set_timesteps(steps)
+    for t in s.timesteps:
+        a = abar[int(t)]
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        x = s.step(eps + error * torch.randn(x0.shape, generator=g), t, x, generator=g)
+        stds.append(x.std().item())
+    return x, stds
+
+
+def test_ddpm_default_sampling_stays_on_the_data_scale():
+    """With an epsilon model that errs by 0.01, every intermediate sample of the default schedule
+    keeps unit scale (what a trained model has seen). The "trailing" spacing does not: at t=999
+    sqrt(abar) ~ 5e-5 turns the error into an x0 estimate ~2e4x off, and the first step lands
+    at ~13x the data's scale. An oracle recovers from that (it knows x0); a trained VQ-latent
+    model did not: its samples were coloured noise."""
+    x0 = torch.randn(4, 16, 64, generator=torch.Generator().manual_seed(1))  # unit-variance latents
+    exact, _ = _oracle_stds(DDPM(), x0, 0.0)
+    torch.testing.assert_close(exact, x0, atol=1e-4, rtol=0)
+    _, stds = _oracle_stds(DDPM(), x0, 0.01)
+    assert max(stds) < 1.2 and min(stds) > 0.8, stds
+    _, stds = _oracle_stds(DDPM(timestep_spacing="trailing"), x0, 0.01)
+    assert stds[0] > 5.0, stds
 
 
 # ---- flow: parity with diffusers and SD3's recipe -------------------------------------------
