@@ -24,6 +24,9 @@ import yaml
 
 from hybrid.config import HybridConfig
 
+# What a multiple-choice answer is trained as (TrainConfig.mc_answer; train/data.py builds it).
+MC_ANSWERS = ("letter", "text")
+
 
 @dataclass
 class TrainConfig:
@@ -131,8 +134,8 @@ class TrainConfig:
         mixes = (self.mix_caption, self.mix_interleaved, self.mix_understand)
         if min(mixes) < 0 or sum(mixes) <= 0:
             problems.append("mix_caption, mix_interleaved and mix_understand must be >= 0 and not all 0")
-        if self.mc_answer not in ("letter", "text"):
-            problems.append(f"mc_answer must be 'letter' or 'text', got {self.mc_answer!r}")
+        if self.mc_answer not in MC_ANSWERS:
+            problems.append(f"mc_answer must be one of {MC_ANSWERS}, got {self.mc_answer!r}")
         if self.mix_understand > 0 and not self.siglip_path and not self.init_from:
             problems.append("mix_understand > 0 needs siglip_path (a SiglipEncoder folder, e.g. runs/siglip/final)")
         if self.model_config().image_codec == "vq" and not self.vq_path and not self.init_from:

@@ -13,6 +13,7 @@ import random
 from torch.utils.data import Dataset
 
 from hybrid.sequence import ImageSegment, TextSegment
+from train.config import MC_ANSWERS
 from train.shapes import QuestionExample, ShapesWorld
 
 CAPTION_INSTRUCTION = "Describe the image."
@@ -21,9 +22,6 @@ CAPTION_INSTRUCTION = "Describe the image."
 def understanding_caption(image, caption: str) -> list:
     """Image in (understanding path), caption out: the text loss is on the caption only."""
     return [ImageSegment(image, "und"), TextSegment(CAPTION_INSTRUCTION, loss=False), " " + caption]
-
-
-MC_ANSWERS = ("letter", "text")
 
 
 def mc_answer_text(q: QuestionExample, option: str, style: str = "letter") -> str:

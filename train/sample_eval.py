@@ -30,6 +30,7 @@ import torch
 
 from hybrid.pipeline import HybridPipeline
 from hybrid.sampling import generate_images
+from train.config import MC_ANSWERS
 from train.detect import detect, evaluate
 from train.shapes import ShapesWorld
 from train.trainer import answer_accuracy, sample_prompts, to_uint8
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-confidence", type=float, default=0.3,
                         help="detector threshold (0.3, GenEval's); higher rejects more clutter")
     parser.add_argument("--understanding", action="store_true", help="score the understanding path instead")
-    parser.add_argument("--mc-answer", choices=("letter", "text"), default="letter",
+    parser.add_argument("--mc-answer", choices=MC_ANSWERS, default="letter",
                         help="how the run was trained to answer multiple choice (its mc_answer)")
     args = parser.parse_args(argv)
     if not (args.final / "config.json").is_file():
