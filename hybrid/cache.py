@@ -39,7 +39,8 @@ class KVCache:
     def for_model(cls, model, batch: int, capacity: int) -> "KVCache":
         c = model.config
         p = next(model.parameters())
-        return cls(c.n_layers, batch, c.n_kv_heads, c.head_dim, capacity, p.device, p.dtype)
+        # the decoder's layers only: a late-fusion vision encoder reads whole image spans, uncached
+        return cls(len(model.layers), batch, c.n_kv_heads, c.head_dim, capacity, p.device, p.dtype)
 
     @property
     def batch(self) -> int:

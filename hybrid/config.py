@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
+IMAGE_HEADS = ("diffusion", "ar", "tokens")
 # Scaled RoPE variants whose frequencies are fixed at load time (no per-length recomputation, no
 # attention factor), computed by transformers' own ``ROPE_INIT_FUNCTIONS``.
 ROPE_SCALINGS = ("linear", "llama3")
@@ -42,9 +43,37 @@ class HybridConfig:
     max_seq_len: int = 256
     attn_impl: str = "sdpa"  # "sdpa" (dense bool mask, CPU/training) | "flex" (BlockMask, GPU)
     init_std: float = 0.02
+    # iRoPE (Llama 4): every nope_every-th layer (layers nope_every-1, 2*nope_every-1, ...) attends
+    # without rotary embeddings; 0 = RoPE in every layer. With attn_temperature_tuning those NoPE
+    # layers scale their queries by 1 + attn_scale * log(1 + floor((pos + 1) / attn_floor_scale)),
+    # which is 1 below attn_floor_scale: it sharpens attention only on contexts longer than that.
+    nope_every: int = 0
+    attn_temperature_tuning: bool = False
+    attn_floor_scale: float = 8192.0
+    attn_scale: float = 0.1
     # Recompute each block in backward instead of storing its activations (training memory for ~1/3
     # more compute); no effect on evaluation or cached generation.
     activation_checkpointing: bool = False
+
+    # --- sparse mixture of experts (hybrid/moe.py); moe_experts = 0: dense SwiGLU everywhere --------
+    moe_experts: int = 0
+    moe_top_k: int = 1
+    moe_layers: list[int] | None = None  # which layers are MoE; None: all of them
+    moe_ffn_dim: int | None = None  # each expert's hidden width; None -> ffn_dim (same active compute at k=1)
+    # Expert capacity = ceil(factor * tokens * k / experts); assignments beyond it are dropped (the
+    # token keeps its residual). None: dropless, every assignment is computed.
+    moe_capacity_factor: float | None = None
+    # "agnostic": one router over all experts for every token (the default the Apple study found
+    # better); "aware": text tokens choose among the text experts, image tokens among the image ones.
+    moe_routing: str = "agnostic"
+    moe_image_experts: int | None = None  # "aware": how many experts (the last ones) are image experts; None -> half
+    moe_aux_weight: float = 0.01  # Switch Transformer load-balancing loss
+    moe_z_weight: float = 1e-3  # ST-MoE router z-loss
+
+    # --- late fusion: the first late_fusion_layers of the n_layers blocks become a separate vision
+    # transformer that reads each image span on its own before the shared decoder (the remaining
+    # blocks) sees it; 0 = early fusion. Total parameters stay those of the early-fusion model.
+    late_fusion_layers: int = 0
 
     # --- special token ids (filled from the tokenizer when a model is built for it) ---------
     pad_id: int = 0
@@ -61,7 +90,9 @@ class HybridConfig:
     latent_downsample: int = 1  # pixels per latent cell along one side
     patch_size: int = 4  # latent cells per patch along one side (1 for the "ar" head)
     # "diffusion": continuous patches, bidirectional span, diffusion loss (Transfusion);
-    # "ar": VQ code ids in raster order, causal span, cross-entropy (Janus / Chameleon).
+    # "ar": VQ code ids in raster order, causal span, cross-entropy with its own embedding and head (Janus);
+    # "tokens": Chameleon: the codes are the last codebook_size ids of the shared vocabulary, input
+    # images are codes too (no SigLIP), and one next-token cross-entropy trains text and images.
     image_head: str = "diffusion"
     timestep_freq_dim: int = 256  # sinusoidal features fed to the timestep MLP (DiT)
     codebook_size: int = 256  # "ar": VQ codes the generation head predicts
@@ -78,7 +109,10 @@ class HybridConfig:
 
     # --- objective -------------------------------------------------------------------
     scheduler: str = "flow"  # "ddpm" (epsilon, Transfusion) | "flow" (velocity, JanusFlow)
-    image_loss_weight: float = 5.0  # Transfusion's lambda
+    image_loss_weight: float = 5.0  # Transfusion's lambda ("tokens": unused, one cross-entropy)
+    # z-loss on the LM head's log-normaliser (Chameleon, PaLM): weight x mean logsumexp(logits)^2 over
+    # the trained positions. None: 1e-5 for image_head="tokens" (Chameleon's setting), else 0.
+    z_loss_weight: float | None = None
     caption_dropout: float = 0.1  # probability of dropping the caption of a generated image (CFG)
 
     def __post_init__(self) -> None:
@@ -90,6 +124,14 @@ class HybridConfig:
             hidden = int(2 * (4 * self.dim) / 3)
             m = self.ffn_multiple_of
             self.ffn_dim = m * math.ceil(hidden / m)
+        if self.z_loss_weight is None:
+            self.z_loss_weight = 1e-5 if self.image_head == "tokens" else 0.0
+        if self.image_head == "tokens" and self.image_size % self.latent_downsample == 0:
+            self.und_tokens = self.image_tokens  # an input image is its VQ codes, like a generated one
+        if self.moe_ffn_dim is None:
+            self.moe_ffn_dim = self.ffn_dim
+        if self.moe_experts and self.moe_routing == "aware" and self.moe_image_experts is None:
+            self.moe_image_experts = self.moe_experts // 2
         self.validate()
 
     # ---------------------------------------------------------------------------------
@@ -116,11 +158,44 @@ class HybridConfig:
             problems.append(f"attn_impl must be 'sdpa' or 'flex', got {self.attn_impl!r}")
         if self.image_codec not in ("pixel", "vq"):
             problems.append(f"image_codec must be 'pixel' or 'vq', got {self.image_codec!r}")
-        if self.image_head not in ("diffusion", "ar"):
-            problems.append(f"image_head must be 'diffusion' or 'ar', got {self.image_head!r}")
-        elif self.image_head == "ar" and (self.image_codec != "vq" or self.patch_size != 1):
-            problems.append("image_head='ar' predicts one VQ code per token: it needs image_codec='vq' and "
-                            f"patch_size=1 (got {self.image_codec!r}, {self.patch_size})")
+        if self.image_head not in IMAGE_HEADS:
+            problems.append(f"image_head must be one of {IMAGE_HEADS}, got {self.image_head!r}")
+        elif self.image_head != "diffusion" and (self.image_codec != "vq" or self.patch_size != 1):
+            problems.append(f"image_head={self.image_head!r} predicts one VQ code per token: it needs image_codec='vq' "
+                            f"and patch_size=1 (got {self.image_codec!r}, {self.patch_size})")
+        elif self.image_head == "tokens" and self.codebook_size + 6 > self.vocab_size:
+            problems.append(f"image_head='tokens' keeps the codes in the vocabulary: vocab_size={self.vocab_size} "
+                            f"must hold the text tokens and codebook_size={self.codebook_size} codes")
+        if self.nope_every < 0:
+            problems.append(f"nope_every must be >= 0, got {self.nope_every}")
+        if self.attn_floor_scale <= 0:
+            problems.append(f"attn_floor_scale must be > 0, got {self.attn_floor_scale}")
+        if self.moe_experts < 0:
+            problems.append(f"moe_experts must be >= 0, got {self.moe_experts}")
+        elif self.moe_experts:
+            if not 1 <= self.moe_top_k <= self.moe_experts:
+                problems.append(f"moe_top_k must be in [1, moe_experts={self.moe_experts}], got {self.moe_top_k}")
+            if self.moe_layers is not None and (not self.moe_layers or any(
+                    not 0 <= i < self.n_layers - self.late_fusion_layers for i in self.moe_layers)):
+                problems.append(f"moe_layers {self.moe_layers} must be decoder layer indices in "
+                                f"[0, {self.n_layers - self.late_fusion_layers})")
+            if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+                problems.append(f"moe_capacity_factor must be > 0 or None (dropless), got {self.moe_capacity_factor}")
+            if self.moe_routing not in ("agnostic", "aware"):
+                problems.append(f"moe_routing must be 'agnostic' or 'aware', got {self.moe_routing!r}")
+            elif self.moe_routing == "aware":
+                n_img = self.moe_image_experts
+                if not 1 <= n_img < self.moe_experts:
+                    problems.append(f"moe_routing='aware' needs 1 <= moe_image_experts < moe_experts={self.moe_experts}, "
+                                    f"got {n_img}")
+                elif self.moe_top_k > min(n_img, self.moe_experts - n_img):
+                    problems.append(f"moe_top_k={self.moe_top_k} exceeds the experts of one modality "
+                                    f"({self.moe_experts - n_img} text, {n_img} image)")
+        if not 0 <= self.late_fusion_layers < self.n_layers:
+            problems.append(f"late_fusion_layers must be in [0, n_layers={self.n_layers}), got {self.late_fusion_layers}")
+        elif self.late_fusion_layers and self.image_head != "diffusion":
+            problems.append("late_fusion_layers needs image_head='diffusion': a vision encoder reads a whole image "
+                            "span at once, which code-by-code generation never has")
         if self.aligner_depth < 1:
             problems.append(f"aligner_depth must be >= 1, got {self.aligner_depth}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -128,6 +203,8 @@ class HybridConfig:
         ids = [self.pad_id, self.bos_id, self.eos_id, self.boi_id, self.eoi_id, self.img_id]
         if any(not 0 <= i < self.vocab_size for i in ids):
             problems.append(f"special token ids {ids} must lie in [0, vocab_size={self.vocab_size})")
+        elif self.image_head == "tokens" and max(ids) >= self.image_token_offset:
+            problems.append(f"special token ids {ids} collide with the VQ codes at ids >= {self.image_token_offset}")
         if problems:
             raise ValueError("invalid HybridConfig: " + "; ".join(problems))
 
@@ -144,6 +221,11 @@ class HybridConfig:
     def image_tokens(self) -> int:
         """Tokens in one generated-image span (patches of the latent grid)."""
         return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def image_token_offset(self) -> int:
+        """"tokens" mode: vocabulary id of VQ code 0 (codes take the last codebook_size ids)."""
+        return self.vocab_size - self.codebook_size
 
     @property
     def patch_dim(self) -> int:

@@ -6,7 +6,13 @@ Inputs are a packed token row plus the image spans spliced into it:
 * generated-image positions get, with ``image_head="diffusion"``, ``image_in(noisy patch) +
   timestep embedding`` (Transfusion), or with ``image_head="ar"``, ``gen_aligner(gen_embed(code))``
   for VQ code ids (Janus);
-* understanding-image positions get ``aligner(encoder features)`` (Janus' decoupled path).
+* understanding-image positions get ``aligner(encoder features)`` (Janus' decoupled path);
+* with ``image_head="tokens"`` (Chameleon) images of both roles are VQ codes embedded as the last
+  ``codebook_size`` rows of the shared vocabulary, and the LM head predicts them.
+
+Research variants, each one config field: sparse MoE feed-forwards (``moe_*``, ``hybrid/moe.py``),
+late fusion (``late_fusion_layers``: a vision transformer per image span before the decoder),
+iRoPE (``nope_every``: layers without rotary embeddings, Llama 4's attention temperature).
 
 Outputs are predictions only: text logits and, for generated-image positions, the diffusion
 head's prediction (epsilon or velocity, as the scheduler defines) or the code head's logits for
@@ -29,6 +35,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from hybrid.cache import CacheGroups, KVCache
 from hybrid.config import HybridConfig
 from hybrid.masks import AttentionMask
+from hybrid.moe import IMAGE, PAD, TEXT, MoEFeedForward, RouterOutput
 
 _compiled_flex = None
 
@@ -106,10 +113,21 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
 
 
+def attn_temperature(position_ids: Tensor, floor_scale: float, scale: float) -> Tensor:
+    """Llama 4's query scale for layers without RoPE: 1 + scale * log(1 + floor((pos + 1) /
+    floor_scale)), (B, T). Exactly 1 below floor_scale; beyond it, logits sharpen slowly with
+    position so attention does not flatten out over very long contexts."""
+    return 1.0 + scale * torch.log1p(torch.floor((position_ids.float() + 1.0) / floor_scale))
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool, bias: bool, eps: float):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool, bias: bool, eps: float,
+                 use_rope: bool = True, temperature: tuple[float, float] | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        # iRoPE: a NoPE layer (use_rope=False) sees content only; ``temperature`` = (floor_scale,
+        # scale) turns on Llama 4's position-dependent query scaling in such a layer.
+        self.use_rope, self.temperature = use_rope, temperature
         self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=bias)
@@ -120,14 +138,18 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask | list,
-                cache: KVCache | CacheGroups | None = None, layer: int = 0) -> Tensor:
+                cache: KVCache | CacheGroups | None = None, layer: int = 0,
+                position_ids: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        elif self.temperature is not None:
+            q = q * attn_temperature(position_ids, *self.temperature)[:, None, :, None].to(q.dtype)
         if cache is None:
             out = self.attend(q, k, v, mask)
         else:  # each part of the cache: its rows attend to its cached prefix too, (b, Hkv, L + T, hd)
@@ -160,17 +182,28 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: HybridConfig):
+    def __init__(self, cfg: HybridConfig, use_rope: bool = True, moe: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, cfg.attn_bias, cfg.norm_eps)
+        temperature = (cfg.attn_floor_scale, cfg.attn_scale) if cfg.attn_temperature_tuning else None
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.qk_norm, cfg.attn_bias, cfg.norm_eps,
+                              use_rope=use_rope, temperature=temperature)
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+        if moe:
+            self.ffn = MoEFeedForward(cfg.dim, cfg.moe_experts, cfg.moe_top_k,
+                                      lambda: FeedForward(cfg.dim, cfg.moe_ffn_dim), cfg.moe_capacity_factor,
+                                      cfg.moe_routing, cfg.moe_image_experts or 0)
+        else:
+            self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask | list,
-                cache: KVCache | CacheGroups | None = None, layer: int = 0) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
-        return x + self.ffn(self.ffn_norm(x))
+                cache: KVCache | CacheGroups | None = None, layer: int = 0, position_ids: Tensor | None = None,
+                modality: Tensor | None = None) -> tuple[Tensor, RouterOutput | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, position_ids)
+        if isinstance(self.ffn, MoEFeedForward):
+            y, router = self.ffn(self.ffn_norm(x), modality)
+            return x + y, router
+        return x + self.ffn(self.ffn_norm(x)), None
 
 
 def mlp(in_dim: int, out_dim: int, depth: int, hidden: int | None = None) -> nn.Sequential:
@@ -189,6 +222,7 @@ class HybridOutput:
     image_pred: Tensor | None  # (n_gen, N, P): the diffusion head's prediction per patch
     hidden: Tensor  # (B, T, D) final hidden states before the norm
     code_logits: Tensor | None = None  # (n_gen, N, K): "ar" head, logits for code i read at position i - 1
+    routers: list[RouterOutput] | None = None  # one per MoE layer (router logits and choices); None if dense
 
 
 class HybridModel(nn.Module):
@@ -198,24 +232,34 @@ class HybridModel(nn.Module):
         D = cfg.dim
         self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        # Late fusion: the first late_fusion_layers blocks are a vision transformer run on each image
+        # span alone; the decoder gets the rest (same total parameters as early fusion).
+        n_vision = cfg.late_fusion_layers
+        self.vision_layers = nn.ModuleList(Block(cfg) for _ in range(n_vision))
+        moe_layers = set(range(cfg.n_layers - n_vision) if cfg.moe_layers is None else cfg.moe_layers)
+        self.layers = nn.ModuleList(
+            Block(cfg, use_rope=not (cfg.nope_every and (i + 1) % cfg.nope_every == 0),
+                  moe=bool(cfg.moe_experts) and i in moe_layers)
+            for i in range(cfg.n_layers - n_vision))
         self.norm = RMSNorm(D, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Generation path. Only the configured paradigm's modules exist (a Janus checkpoint has
-        # no diffusion head; a Transfusion one no code head).
+        # no diffusion head; a Transfusion one no code head; in "tokens" mode (Chameleon) codes are
+        # vocabulary ids, read by embed_tokens and written by lm_head, with no modules of their own).
         if cfg.image_head == "diffusion":  # noisy latent patches in, the scheduler's target out
             self.image_in = nn.Linear(cfg.patch_dim, D)
             self.time_proj = Timesteps(cfg.timestep_freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
             self.time_embed = TimestepEmbedding(cfg.timestep_freq_dim, D)
             self.image_out = nn.Linear(D, cfg.patch_dim)
-        else:  # VQ code ids in, next-code logits out (Janus: generation embeddings/aligner/head)
+        elif cfg.image_head == "ar":  # VQ code ids in, next-code logits out (Janus: generation embeddings/aligner/head)
             self.gen_embed = nn.Embedding(cfg.codebook_size, cfg.code_embed_dim)
             self.gen_aligner = mlp(cfg.code_embed_dim, D, cfg.aligner_depth)
             self.gen_head = mlp(D, cfg.codebook_size, 2, hidden=cfg.gen_head_dim)
-        # Understanding path: encoder features -> LM width (Janus' MLP aligner).
-        self.aligner = mlp(cfg.und_feature_dim, D, cfg.aligner_depth)
+        # Understanding path: encoder features -> LM width (Janus' MLP aligner); "tokens" reads codes.
+        if cfg.image_head != "tokens":
+            self.aligner = mlp(cfg.und_feature_dim, D, cfg.aligner_depth)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -284,26 +328,37 @@ class HybridModel(nn.Module):
         if gen_codes is not None:
             if gen_index is None or gen_index.shape != gen_codes.shape:
                 raise ValueError("gen_codes (n, N) needs gen_index (n, N)")
-            emb = self.gen_aligner(self.gen_embed(gen_codes)).to(h.dtype)  # (n, N, D)
-            h = h.index_copy(0, gen_index.reshape(-1), emb.reshape(-1, emb.shape[-1]))
+            emb = self.embed_codes(gen_codes, self.gen_aligner if self.config.image_head == "ar" else None)  # (n, N, D)
+            h = h.index_copy(0, gen_index.reshape(-1), emb.reshape(-1, emb.shape[-1]).to(h.dtype))
         if und_features is not None:
             if und_index is None or und_index.shape != und_features.shape[:2]:
-                raise ValueError("und_features (n, M, F) needs und_index (n, M)")
-            # an encoder loaded in another precision (bf16 Janus tower) still feeds an fp32 model
-            emb = self.aligner(und_features.to(self.aligner[0].weight.dtype)).to(h.dtype)
-            h = h.index_copy(0, und_index.reshape(-1), emb.reshape(-1, emb.shape[-1]))
+                raise ValueError("und_features (n, M, F) (codes (n, M) for image_head='tokens') needs und_index (n, M)")
+            if self.config.image_head == "tokens":
+                emb = self.embed_codes(und_features)
+            else:  # an encoder loaded in another precision (bf16 Janus tower) still feeds an fp32 model
+                emb = self.aligner(und_features.to(self.aligner[0].weight.dtype))
+            h = h.index_copy(0, und_index.reshape(-1), emb.reshape(-1, emb.shape[-1]).to(h.dtype))
+        if self.vision_layers:
+            h = self.encode_spans(h, gen_index if gen_tokens is not None else None, und_index if und_features is not None else None)
         h = h.view(B, T, -1)  # (B, T, D)
 
         cos, sin = self.rope(position_ids, h.dtype)
+        # what the MoE router reads: image positions carry the placeholder id, padding the pad id
+        modality = torch.where(input_ids == self.config.img_id, IMAGE, TEXT)
+        modality = modality.masked_fill(input_ids == self.config.pad_id, PAD)  # (B, T)
+        routers = []
         # Activation checkpointing: keep only each block's input and recompute the block in backward
         # (same gradients, less memory). Training only; a cached (generation) pass never needs it.
         recompute = (self.config.activation_checkpointing and self.training and cache is None
                      and torch.is_grad_enabled())
         for i, layer in enumerate(self.layers):
             if recompute:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, None, i, use_reentrant=False)
+                h, router = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, None, i, position_ids,
+                                                              modality, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, attn_mask, cache, i)
+                h, router = layer(h, cos, sin, attn_mask, cache, i, position_ids, modality)
+            if router is not None:
+                routers.append(router)
         hn = self.norm(h)
 
         flat = hn.view(B * T, -1)
@@ -314,13 +369,46 @@ class HybridModel(nn.Module):
         code_logits = None
         if gen_codes is not None and cache is None:  # code i is predicted from the position before
             # it (<boi> for i=0); with a cache that position may be cached: use next_code_logits
-            code_logits = self.gen_head(flat[gen_index.reshape(-1) - 1]).view(*gen_index.shape, self.config.codebook_size)  # (n, N, K)
-        return HybridOutput(logits=logits, image_pred=image_pred, hidden=h, code_logits=code_logits)
+            code_logits = self.code_head(flat[gen_index.reshape(-1) - 1]).view(*gen_index.shape, self.config.codebook_size)  # (n, N, K)
+        return HybridOutput(logits=logits, image_pred=image_pred, hidden=h, code_logits=code_logits,
+                            routers=routers or None)
+
+    def encode_spans(self, h: Tensor, gen_index: Tensor | None, und_index: Tensor | None) -> Tensor:
+        """Late fusion: each image span's embeddings, (n, N, D) gathered from the flat (B*T, D)
+        rows, pass through the vision blocks on their own (attention inside the span only, RoPE
+        positions 0..N-1 in raster order), then go back to their places."""
+        cfg = self.config
+        for index, bidirectional in ((gen_index, True), (und_index, cfg.und_bidirectional)):
+            if index is None or not index.numel():
+                continue
+            n, N = index.shape
+            x = h[index.reshape(-1)].view(n, N, -1)  # (n, N, D)
+            pos = torch.arange(N, device=h.device).expand(n, N)
+            cos, sin = self.rope(pos, x.dtype)
+            mask = None if bidirectional else torch.ones(N, N, dtype=torch.bool, device=h.device).tril()
+            for layer in self.vision_layers:
+                x, _ = layer(x, cos, sin, mask, None, 0, pos)
+            h = h.index_copy(0, index.reshape(-1), x.reshape(n * N, -1))
+        return h
+
+    def embed_codes(self, codes: Tensor, aligner: nn.Module | None = None) -> Tensor:
+        """(n, N) VQ code ids -> (n, N, D): Janus' generation embedding + aligner ("ar"), or the
+        shared vocabulary's rows for the codes ("tokens", Chameleon)."""
+        if aligner is not None:
+            return aligner(self.gen_embed(codes))
+        return self.embed_tokens(codes + self.config.image_token_offset)
+
+    def code_head(self, hn: Tensor) -> Tensor:
+        """(..., D) normed hidden states -> (..., K) next-code logits: the "ar" head, or for
+        "tokens" the LM head's code rows (generation restricted to codes, as Chameleon samples)."""
+        if self.config.image_head == "tokens":
+            return F.linear(hn, self.lm_head.weight[self.config.image_token_offset:])
+        return self.gen_head(hn)
 
     def next_code_logits(self, hidden: Tensor) -> Tensor:
         """(..., D) final hidden states (``HybridOutput.hidden``) -> (..., K) logits of the code
-        that follows each position: the "ar" head for decoding one code at a time."""
-        return self.gen_head(self.norm(hidden))
+        that follows each position: the "ar" / "tokens" head for decoding one code at a time."""
+        return self.code_head(self.norm(hidden))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

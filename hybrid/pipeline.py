@@ -179,11 +179,11 @@ class HybridPipeline:
                                          ("downsample", self.vq.downsample, c.latent_downsample)):
                     if have != want:
                         bad.append(f"vq {name}={have}, the model config says {want}")
-                if c.image_head == "ar" and self.vq.codebook_size != c.codebook_size:
+                if c.image_head != "diffusion" and self.vq.codebook_size != c.codebook_size:
                     bad.append(f"vq codebook_size={self.vq.codebook_size}, the model config says {c.codebook_size}")
         elif self.vq is not None:
             bad.append("a vq tokenizer is set but the model works in pixel space (image_codec='pixel')")
-        if self.siglip is not None:
+        if self.siglip is not None and c.image_head != "tokens":  # "tokens" reads input images as VQ codes
             if self.siglip.feature_dim != c.und_feature_dim:
                 bad.append(f"siglip feature_dim={self.siglip.feature_dim}, the model's und_feature_dim={c.und_feature_dim}")
             if self.siglip.num_tokens != c.und_tokens:
@@ -254,13 +254,17 @@ class HybridPipeline:
             ids, spans, imgs = s.input_ids[:-1], s.spans, s.images  # drop <eos>: the prompt goes on
         else:
             ids, spans, imgs = [c.bos_id], [], []
-        if spans and self.siglip is None:
+        if spans and c.image_head == "tokens" and self.vq is None:
+            raise ValueError("input images are read as VQ codes (image_head='tokens'), but this pipeline has no vq")
+        if spans and c.image_head != "tokens" and self.siglip is None:
             raise ValueError("input images need an understanding encoder, but this pipeline has no siglip")
         if image_next:
             ids = ids + [c.boi_id]
         return TokenizedSample(ids, [-100] * len(ids), spans, imgs)
 
     def _und_encoder(self) -> Callable[[Tensor], Tensor] | None:
+        if self.config.image_head == "tokens":  # Chameleon: an input image is its codes, (n, N)
+            return None if self.vq is None else lambda pixels: self.vq.encode_codes(pixels.to(self.device)).flatten(1)
         if self.siglip is None:
             return None
         return lambda pixels: self.siglip(pixels.to(self.device))
@@ -367,9 +371,11 @@ class HybridPipeline:
         return sorted({self.config.eos_id} | ({tok_eos} if tok_eos is not None else set()))
 
     def non_text_ids(self) -> list[int]:
-        """Ids the model must not write as text: padding, the image placeholder, an image end."""
+        """Ids the model must not write as text: padding, the image placeholder, an image end, and
+        in "tokens" mode the VQ codes (they are written only inside an image, after ``<boi>``)."""
         c = self.config
-        return sorted({c.pad_id, c.img_id, c.eoi_id} - set(self._end_ids()))
+        codes = set(range(c.image_token_offset, c.vocab_size)) if c.image_head == "tokens" else set()
+        return sorted(({c.pad_id, c.img_id, c.eoi_id} | codes) - set(self._end_ids()))
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -402,7 +408,7 @@ class HybridPipeline:
         use_cfg = guidance_scale != 1.0
         cache, boi_hidden = image_prefix(self.model, rows, use_cfg, self._und_encoder())
         latents = codes = None
-        if c.image_head == "ar":
+        if c.image_head != "diffusion":  # "ar" / "tokens": codes
             bar = _progress(c.image_tokens, progress, "image tokens")
             codes = sample_codes(self.model, cache, boi_hidden, n, guidance_scale, temperature, top_k, top_p,
                                  gens, _tick(callback, bar))
@@ -425,7 +431,7 @@ class HybridPipeline:
         """The scheduler generate_image(scheduler=...) would run: the pipeline's own for None, a fresh
         one for a name; checked against the prediction type the model was trained with. None for
         the "ar" head, which samples codes."""
-        if self.config.image_head == "ar":
+        if self.config.image_head != "diffusion":
             return None
         if scheduler is None:
             return self.scheduler
@@ -502,8 +508,9 @@ class HybridPipeline:
         both, hidden = cache, boi_hidden
         if guidance_scale != 1.0:  # rows [cond, uncond]; the cond part is ``cache`` itself
             both, hidden = with_uncond_rows(self.model, cache, boi_hidden, c.image_tokens + 1)
-        bar = _progress(c.image_tokens if c.image_head == "ar" else num_steps, progress, "image")
-        if c.image_head == "ar":
+        codes_head = c.image_head != "diffusion"  # "ar" / "tokens"
+        bar = _progress(c.image_tokens if codes_head else num_steps, progress, "image")
+        if codes_head:
             codes = sample_codes(self.model, both, hidden, 1, guidance_scale, temperature, top_k, None, gen,
                                  _tick(None, bar))
             out = commit_image(self.model, cache, codes=codes[:, -1:])

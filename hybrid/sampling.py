@@ -310,7 +310,7 @@ def generate_images(
     if need > cfg.max_seq_len:
         raise ValueError(f"prompt + image need {need} tokens, more than max_seq_len={cfg.max_seq_len}")
     cache, boi_hidden = image_prefix(model, rows, use_cfg)
-    if cfg.image_head == "ar":
+    if cfg.image_head != "diffusion":  # "ar" / "tokens": one code per image token
         codes = sample_codes(model, cache, boi_hidden, n, guidance_scale, temperature, top_k, None, generator)
         return decode_image(model, codec, codes=codes)
     x = denoise(model, cache, n, scheduler, num_steps, guidance_scale, generator)

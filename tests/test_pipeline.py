@@ -39,12 +39,17 @@ def vq() -> VQTokenizer:
                                     num_vq_embeddings=32, norm_num_groups=8))
 
 
-def make_pipe(tokenizer, head: str = "diffusion", scheduler: str = "flow", with_siglip: bool = True) -> HybridPipeline:
-    """A random model whose outputs are not trivially zero (the diffusion head starts at 0)."""
+def make_pipe(tokenizer, head: str = "diffusion", scheduler: str = "flow", with_siglip: bool = True,
+              **overrides) -> HybridPipeline:
+    """A random model whose outputs are not trivially zero (the diffusion head starts at 0).
+    ``head="tokens"`` (Chameleon) adds the 32 VQ codes to the vocabulary; ``overrides`` are
+    further HybridConfig fields (MoE, late fusion, iRoPE)."""
     extra = dict(image_codec="vq", latent_channels=4, latent_downsample=4, und_feature_dim=32, und_tokens=16,
                  max_seq_len=256, scheduler=scheduler)
-    extra.update(dict(image_head="ar", patch_size=1, codebook_size=32) if head == "ar" else dict(patch_size=2))
-    cfg = HybridConfig.from_preset("debug", vocab_size=len(tokenizer), **special_token_ids(tokenizer), **extra)
+    codes = head in ("ar", "tokens")
+    extra.update(dict(image_head=head, patch_size=1, codebook_size=32) if codes else dict(patch_size=2))
+    vocab = len(tokenizer) + (32 if head == "tokens" else 0)
+    cfg = HybridConfig.from_preset("debug", vocab_size=vocab, **special_token_ids(tokenizer), **{**extra, **overrides})
     torch.manual_seed(0)
     model = HybridModel(cfg)
     if head == "diffusion":
@@ -64,7 +69,7 @@ def full_text_logits(pipe: HybridPipeline, row, generated: list[int]) -> torch.T
     batch = pack([row], len(row), c.pad_id, packing=False, bidirectional=bidirectional_kinds(c))
     extra = {}
     if batch.und_index.numel():
-        extra = dict(und_features=pipe.siglip(batch.und_images), und_index=batch.und_index)
+        extra = dict(und_features=pipe._und_encoder()(batch.und_images), und_index=batch.und_index)
     out = pipe.model(batch.input_ids, batch.position_ids, batch.attention_mask(), **extra)
     return out.logits[0, -1]
 
