@@ -121,8 +121,10 @@ def test_deepspeed_zero3_two_cpu_processes_resume_and_export_the_full_model(tmp_
     as above; measured 5e-5), its exported folder is complete, and the run killed after its
     step-2 checkpoint and relaunched finishes with the same losses and weights. The EMA is kept
     per rank on its partition (no gather per step) and checkpointed per rank; its export
-    (final_ema/) equals the single process's EMA too."""
-    extra = ["steps=4", "save_every=2", "fault_nan_steps=[3]", "ema_decay=0.5"]
+    (final_ema/) equals the single process's EMA too. The final validation (3 batches on 2
+    processes: one forward on rank 1 is not counted) and the token count equal the single
+    process's (measured: text loss to 4e-8 relative, image loss and tokens exactly)."""
+    extra = ["steps=4", "save_every=2", "fault_nan_steps=[3]", "ema_decay=0.5", "val_batches=3"]
     ds = tmp_path / "zero3"
     launch(ds, *extra, config=ZERO3)
     single = tmp_path / "single"
@@ -135,6 +137,10 @@ def test_deepspeed_zero3_two_cpu_processes_resume_and_export_the_full_model(tmp_
     for k in wa:
         assert wb[k].shape == wa[k].shape and wb[k].numel() > 0, k  # gathered, not the local shard
     assert_same_weights(wb, wa, atol=1e-3)
+    va, vb = (json.loads((out / "val.json").read_text()) for out in (single, ds))
+    assert va["tokens_trained"] == vb["tokens_trained"] > 0 and va["image_tokens"] == vb["image_tokens"] > 0
+    for k in ("text_loss", "image_loss"):
+        assert vb[k] == pytest.approx(va[k], rel=1e-4), k
     from hybrid.checkpoint import load_pretrained_model
 
     load_pretrained_model(ds / "final")  # loads strictly: nothing missing

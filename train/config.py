@@ -63,6 +63,13 @@ class TrainConfig:
     siglip_trainable: bool = False  # fine-tune the SigLIP encoder with the model (frozen by default)
     siglip_lr_scale: float = 0.1  # its learning rate relative to lr
     und_eval: int = 100  # held-out and train multiple-choice questions scored at every sample step
+    # > 0: when the run finishes, the mean text and image loss (hybrid_loss, token-weighted, eval
+    # mode, fixed noise) over this many batches of batch_size held-out samples, in OUT/val.json
+    # (with the parameter and training-token counts: what train.sweep fits scaling laws to). The
+    # shapes world holds out by seed (another world of the same distribution); file data needs
+    # val_data, held-out files in the same spec format as data.
+    val_batches: int = 0
+    val_data: str | None = None
 
     # optimisation
     steps: int = 1000
@@ -124,6 +131,12 @@ class TrainConfig:
             problems.append(f"cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if self.val_batches < 0:
+            problems.append(f"val_batches must be >= 0 (0: no validation), got {self.val_batches}")
+        if self.val_batches and not self.shapes_data and not self.val_data:
+            problems.append("val_batches > 0 with file data needs val_data (held-out files, a spec like data)")
+        if self.val_data is not None and not self.val_data.strip():
+            problems.append("val_data must be a path / spec, or unset")
         if self.max_bad_steps < 1:
             problems.append(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
@@ -136,7 +149,8 @@ class TrainConfig:
             problems.append("mix_caption, mix_interleaved and mix_understand must be >= 0 and not all 0")
         if self.mc_answer not in MC_ANSWERS:
             problems.append(f"mc_answer must be one of {MC_ANSWERS}, got {self.mc_answer!r}")
-        if self.mix_understand > 0 and not self.siglip_path and not self.init_from:
+        if (self.mix_understand > 0 and not self.siglip_path and not self.init_from
+                and self.model_config().image_head != "tokens"):  # "tokens" reads input images as VQ codes
             problems.append("mix_understand > 0 needs siglip_path (a SiglipEncoder folder, e.g. runs/siglip/final)")
         if self.model_config().image_codec == "vq" and not self.vq_path and not self.init_from:
             problems.append("model.image_codec=vq needs vq_path (a VQTokenizer folder, e.g. runs/vq/final)")
@@ -169,12 +183,14 @@ class TrainConfig:
 
 # Fields that may differ between a checkpoint and the run resuming it: where and when to stop,
 # save, log and sample, how many checkpoints to keep, how to resume, the fault policy, data
-# loading workers (the data is a pure function of the index), and the debug fault injection (a
-# transient fault is not expected to recur after a restart). Anything else changes the math.
+# loading workers (the data is a pure function of the index), the debug fault injection (a
+# transient fault is not expected to recur after a restart), and the final validation. Anything
+# else changes the math.
 RESTART_FIELDS = frozenset({
     "output_dir", "stop_at", "resume", "allow_config_change", "log_every", "save_every",
     "keep_checkpoints", "sample_every", "num_samples", "sample_steps", "guidance_scale", "temperature",
     "top_k", "und_eval", "heldout_eval", "num_workers", "max_bad_steps", "fault_nan_steps", "data_on_error",
+    "val_batches", "val_data",  # evaluated after training, from the exported weights
 })
 
 

@@ -15,6 +15,10 @@ never from branches here: the loop only uses accelerate's API, which DeepSpeed i
 are filled from this config: micro batch (batch_size), accumulation (grad_accum), clipping
 (grad_clip), precision. Sampling runs on every process (under ZeRO-3 the forward gathers
 parameters collectively) and the export gathers the full state dict with ``get_state_dict``.
+
+With ``val_batches > 0`` a finished run also writes ``<output_dir>/val.json``: the token-weighted
+mean text and image loss of the final weights on held-out data (``validation_set``), the parameter
+counts and the tokens trained, which ``python -m train.sweep`` fits scaling laws to.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -31,7 +36,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from PIL import Image
 from safetensors.torch import load_model
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from encoders.latents import build_codec
@@ -40,7 +45,7 @@ from hybrid.pipeline import HybridPipeline, to_uint8  # to_uint8: also the vq st
 from hybrid.losses import hybrid_loss
 from hybrid.model import HybridModel, HybridOutput
 from hybrid.sampling import generate_images, scheduler_for
-from hybrid.sequence import SampleBuilder, pack
+from hybrid.sequence import MultimodalBatch, SampleBuilder, pack
 from hybrid.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 from train.ema import EMA
 from train.schedules import build_lr_lambda
@@ -51,8 +56,19 @@ from train.config import TrainConfig, load_config  # noqa: F401  (the stage's co
 from train.sources import REASONS, SampleLimit, build_sources, parse_data_spec
 from train.data import ShapesTrainSet, understanding_question
 from train.detect import detect, evaluate
+from train.scaling import count_parameters
 from train.shapes import ShapesWorld
 
+
+
+# The tokenizer a run trains when none is given: on this many texts of its shapes world.
+TOKENIZER_TEXTS = 20_000
+# The final validation (TrainConfig.val_batches) on the shapes world reads another world of the
+# same distribution, seeded seed + this: scenes that were not trained on, from the same
+# compositions (the "heldout" split would measure compositional generalisation instead).
+VAL_SEED_OFFSET = 1_000_003
+# Its diffusion timesteps and noise: batch i draws from a generator seeded val_noise_seed(seed, i).
+VAL_NOISE_SEED = 0x5EED_7A1
 
 
 class NonFiniteError(RuntimeError):
@@ -307,6 +323,67 @@ def save_sample_grid(pixels: torch.Tensor, prompts: list[str], path: Path, scale
     path.with_suffix(".txt").write_text("\n".join(f"{i}: {p}" for i, p in enumerate(prompts)) + "\n")
 
 
+def validation_set(cfg: TrainConfig, mcfg, collate: SampleBuilder) -> Dataset:
+    """The held-out data of the final validation: for the shapes world, the training mixture from
+    another world seed (``VAL_SEED_OFFSET``), caption dropout included, so that the number is the
+    training objective on unseen samples; for file data, ``cfg.val_data`` read like ``cfg.data``."""
+    if cfg.shapes_data:
+        world = ShapesWorld(resolution=mcfg.image_size, seed=cfg.seed + VAL_SEED_OFFSET)
+        return ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
+                              mix_understand=cfg.mix_understand, caption_dropout=mcfg.caption_dropout,
+                              seed=cfg.seed + VAL_SEED_OFFSET, mc_answer=cfg.mc_answer)
+    if not cfg.val_data:
+        raise ValueError("val_batches > 0 with file data needs val_data (held-out files)")
+    return build_sources(parse_data_spec(cfg.val_data), mcfg.image_size, 10_000_000, seed=cfg.seed,
+                         caption_dropout=mcfg.caption_dropout, limit=SampleLimit.from_builder(collate),
+                         on_error=cfg.data_on_error)
+
+
+def val_batch(dataset: Dataset, collate: SampleBuilder, i: int, batch_size: int) -> MultimodalBatch:
+    """Validation batch ``i``: items ``i * batch_size ...`` of ``dataset``, packed as in training."""
+    return collate([dataset[j] for j in range(i * batch_size, (i + 1) * batch_size)])
+
+
+def val_noise_seed(seed: int, i: int) -> int:
+    return VAL_NOISE_SEED + seed * 1_000_003 + i
+
+
+@torch.no_grad()
+def validation_sums(model: HybridModel, batches: Iterable[tuple[int, MultimodalBatch]], scheduler, codec,
+                    seed: int, encoder: SiglipEncoder | None = None, encoder_trained: bool = False) -> torch.Tensor:
+    """Summed losses over ``(i, batch)`` pairs: ``(text loss x text tokens, text tokens, image loss x
+    image tokens, image tokens)`` (float64), each batch scored by ``hybrid_loss`` as the training
+    loop scores it, with noise from a generator seeded ``val_noise_seed(seed, i)``. Understanding
+    images go through ``encoder`` (with ``image_head="tokens"`` hybrid_loss reads them as VQ codes
+    itself); a batch without any gives the aligner features of no image, as in training (a trained
+    encoder still runs, on a blank image: under ZeRO-3 every process must run every module). The
+    auxiliary losses (MoE balance, z-loss) enter only the total, which is not read here. The
+    caller puts the modules in eval mode."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    g = torch.Generator(device)
+    for i, batch in batches:
+        batch = batch.to(device)
+        und = None
+        if cfg.image_head != "tokens":  # "tokens": hybrid_loss reads input images as VQ codes itself
+            if batch.und_images.shape[0]:
+                if encoder is None:
+                    raise ValueError("the validation data has understanding images but there is no SigLIP encoder")
+                und = encoder(batch.und_images)
+            elif encoder is not None and encoder_trained:
+                und = encoder(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))[:0]
+            elif encoder is not None:
+                und = torch.zeros(0, cfg.und_tokens, cfg.und_feature_dim, device=device)
+        g.manual_seed(val_noise_seed(seed, i))
+        loss = hybrid_loss(model, batch, scheduler, codec, cfg.patch_size, cfg.image_loss_weight, cfg.attn_impl,
+                           und_features=und, generator=g, image_head=cfg.image_head)
+        sums += torch.tensor([loss.text.item() * loss.text_tokens, loss.text_tokens,
+                              loss.image.item() * loss.image_tokens, loss.image_tokens],
+                             dtype=torch.float64, device=device)
+    return sums
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) the hybrid stage. Returns the exported model folder."""
     out = Path(cfg.output_dir)
@@ -356,7 +433,7 @@ def train(cfg: TrainConfig) -> Path:
             tokenizer.save_pretrained(str(tok_dir))  # the run keeps the tokenizer it trained with
     else:
         if main and not (tok_dir / "tokenizer.json").is_file():
-            train_tokenizer(world.corpus_texts(20_000), cfg.tokenizer_vocab).save_pretrained(str(tok_dir))
+            train_tokenizer(world.corpus_texts(TOKENIZER_TEXTS), cfg.tokenizer_vocab).save_pretrained(str(tok_dir))
         accelerator.wait_for_everyone()
         tokenizer = load_tokenizer(tok_dir)
 
@@ -367,7 +444,8 @@ def train(cfg: TrainConfig) -> Path:
         sizes["codebook_size"] = codec.codebook_size
     encoder = None
     siglip_path = component(cfg.siglip_path, "siglip")
-    if cfg.mix_understand > 0 and not siglip_path:
+    tokens_mode = base.image_head == "tokens"  # Chameleon: input images are VQ codes, no SigLIP
+    if cfg.mix_understand > 0 and not siglip_path and not tokens_mode:
         raise ValueError("mix_understand > 0 needs siglip_path (or an init_from folder with siglip/)")
     if siglip_path:
         encoder = SiglipEncoder.from_pretrained(siglip_path, trainable=cfg.siglip_trainable)
@@ -378,7 +456,9 @@ def train(cfg: TrainConfig) -> Path:
     if clash:
         raise ValueError(f"the model config disagrees with the frozen components (config, actual): {clash}")
     if init is None:
-        mcfg = cfg.model_config(vocab_size=len(tokenizer), **special_token_ids(tokenizer), **sizes)
+        # "tokens": the VQ codes are the vocabulary's last codebook_size ids, after the text tokens
+        vocab = len(tokenizer) + (codec.codebook_size if tokens_mode else 0)
+        mcfg = cfg.model_config(vocab_size=vocab, **special_token_ids(tokenizer), **sizes)
     else:
         mcfg = base
         if len(tokenizer) > mcfg.vocab_size:
@@ -442,6 +522,14 @@ def train(cfg: TrainConfig) -> Path:
     # invocation, plus the whole run's up to the checkpoint it resumed from
     consumed_skips = torch.zeros(len(REASONS), dtype=torch.long, device=accelerator.device)
     resumed_skips = resumed.get("skipped_items", {})
+    # tokens (non-padding, text and image) trained on: this process's in this invocation, plus the
+    # run's up to the checkpoint (None if it predates the count)
+    tokens_here = 0
+    resumed_tokens = resumed.get("tokens_trained") if resumed_at else 0
+
+    def tokens_trained() -> int | None:  # collective
+        here = accelerator.reduce(torch.tensor(tokens_here, device=accelerator.device), "sum").item()
+        return None if resumed_tokens is None else int(here) + resumed_tokens
 
     def skipped_items() -> dict[str, int]:  # collective: every process calls it
         """Bad records skipped so far in the run (all processes), by reason."""
@@ -461,7 +549,11 @@ def train(cfg: TrainConfig) -> Path:
 
     def checkpoint(at: int) -> None:  # collective
         save_run(accelerator, out, at, "model_config", mcfg.to_dict(), cfg.keep_checkpoints,
-                 {"train_config": cfg.math_dict(), "skipped_items": skipped_items()}, run_objects, shard_objects)
+                 {"train_config": cfg.math_dict(), "skipped_items": skipped_items(), "tokens_trained": tokens_trained()},
+                 run_objects, shard_objects)
+
+    # what reads an input image for the multiple-choice scores: the encoder, or for "tokens" the VQ codes
+    und_reader = (lambda px: codec.encode_codes(px).flatten(1)) if tokens_mode else encoder
 
     def sample(at: int) -> None:  # on every process (ZeRO-3 gathers parameters collectively); main writes
         unwrapped.eval()
@@ -478,7 +570,7 @@ def train(cfg: TrainConfig) -> Path:
         scores = score_samples(pixels, prompts)
         if cfg.mix_understand > 0:
             for split in ("train", "heldout"):
-                acc = answer_accuracy(unwrapped, encoder, collate, world, split, cfg.und_eval, style=cfg.mc_answer)
+                acc = answer_accuracy(unwrapped, und_reader, collate, world, split, cfg.und_eval, style=cfg.mc_answer)
                 scores[f"answer_accuracy_{split}"] = acc.pop("all")
                 scores.update({f"answer_accuracy_{split}/{k}": v for k, v in acc.items()})
         if main:
@@ -496,7 +588,8 @@ def train(cfg: TrainConfig) -> Path:
     batches = accelerator.skip_first_batches(loader, step * cfg.grad_accum) if step else loader
     bar = tqdm(total=cfg.steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
-    step_losses = torch.zeros(3, device=accelerator.device)  # total, text, image summed over this step's micro-batches
+    # total, text, image (and the MoE balance and router z-loss) summed over this step's micro-batches
+    step_losses = torch.zeros(5, device=accelerator.device)
     micro = step * cfg.grad_accum  # batches consumed so far on this process
     end = min(cfg.steps, cfg.stop_at or cfg.steps)
     bad_run = 0  # consecutive skipped (non-finite) steps
@@ -508,22 +601,25 @@ def train(cfg: TrainConfig) -> Path:
         noise_gen.manual_seed(cfg.seed * 1_000_003**2 + micro * accelerator.num_processes + accelerator.process_index)
         with accelerator.accumulate(model):
             und = None
-            if batch.und_images.shape[0] and encoder is None:
+            if batch.und_images.shape[0] and encoder is None and not tokens_mode:
                 raise ValueError("the data has understanding images (vqa records, or images with role "
                                  "'und') but no SigLIP encoder: set siglip_path")
             if batch.und_images.shape[0] and tuned is not None:
                 und = batch.und_images  # encoded inside the trained module (ModelWithEncoder)
-            elif batch.und_images.shape[0]:
+            elif batch.und_images.shape[0] and not tokens_mode:  # ("tokens": hybrid_loss reads the codes)
                 with torch.no_grad():
                     und = encoder(batch.und_images)  # (n_und, M, F)
             elif encoder is not None and tuned is None:  # the aligner runs on nothing (hybrid_loss)
                 und = torch.zeros(0, mcfg.und_tokens, mcfg.und_feature_dim, device=accelerator.device)
             loss = hybrid_loss(model, batch, scheduler, codec, mcfg.patch_size, mcfg.image_loss_weight,
-                               mcfg.attn_impl, und_features=und, generator=noise_gen, image_head=mcfg.image_head)
+                               mcfg.attn_impl, und_features=und, generator=noise_gen, image_head=mcfg.image_head,
+                               moe_aux_weight=mcfg.moe_aux_weight, moe_z_weight=mcfg.moe_z_weight,
+                               z_loss_weight=mcfg.z_loss_weight)
             if step + 1 in cfg.fault_nan_steps:  # debug fault injection (see TrainConfig)
                 loss.total = loss.total * float("nan")
             accelerator.backward(loss.total)
-            step_losses += torch.stack([loss.total, loss.text, loss.image]).detach().float()
+            moe = [loss.moe_balance, loss.moe_z] if loss.moe_balance is not None else [loss.total * 0] * 2
+            step_losses += torch.stack([loss.total, loss.text, loss.image, *moe]).detach().float()
             skipped = None
             if accelerator.sync_gradients:
                 # The norm over all processes' gradients (an infinite max_norm clips nothing).
@@ -550,6 +646,7 @@ def train(cfg: TrainConfig) -> Path:
                 lr_sched.step()  # a skipped step still advances the schedule: LR stays f(step)
             optimizer.zero_grad(set_to_none=True)
         tokens_since += batch.num_tokens * accelerator.num_processes
+        tokens_here += batch.num_tokens
         micro += 1
         if not accelerator.sync_gradients:
             continue
@@ -577,7 +674,7 @@ def train(cfg: TrainConfig) -> Path:
                     f"checkpoint is {last or '(none: the run starts over)'}; rerunning resumes from it (lower lr, "
                     f"check the data, or raise max_bad_steps)")
         elif step % cfg.log_every == 0 or step == cfg.steps:
-            total, text, image = accelerator.reduce(logged, "mean").tolist()
+            total, text, image, balance, router_z = accelerator.reduce(logged, "mean").tolist()
             now = time.perf_counter()
             rec = {
                 "step": step,
@@ -588,6 +685,8 @@ def train(cfg: TrainConfig) -> Path:
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": tokens_since / (now - t_last),
             }
+            if mcfg.moe_experts:  # 1.0 = perfectly balanced experts (hybrid/moe.py)
+                rec.update(moe_balance=balance, moe_router_z=router_z)
             if not cfg.shapes_data:
                 rec["skipped_items"] = skipped_items()
             t_last, tokens_since = now, 0
@@ -649,5 +748,35 @@ def train(cfg: TrainConfig) -> Path:
                            ).save_pretrained(out / "final_ema")
         log_file.close()
     accelerator.wait_for_everyone()
+    if cfg.val_batches:  # last: val.json marks a run that finished, exported and was evaluated
+        # process p scores batches p, p + P, ...; every process runs the same number of forwards
+        # (ZeRO-3 gathers parameters collectively), the surplus ones are not counted
+        P, p = accelerator.num_processes, accelerator.process_index
+        vset = validation_set(cfg, mcfg, collate)
+        unwrapped.eval()
+        if encoder is not None:
+            encoder.eval()
+        counted = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+        with accelerator.autocast():
+            for i in range(p, -(-cfg.val_batches // P) * P, P):
+                sums = validation_sums(unwrapped, [(i, val_batch(vset, collate, i, cfg.batch_size))], scheduler,
+                                       codec, cfg.seed, encoder, tuned is not None)
+                if i < cfg.val_batches:
+                    counted += sums
+        text_sum, text_tokens, image_sum, image_tokens = accelerator.reduce(counted, "sum").tolist()
+        trained = tokens_trained()
+        if main:
+            total, non_embedding = count_parameters(exported)
+            text, image = text_sum / max(text_tokens, 1), image_sum / max(image_tokens, 1)
+            record = {"text_loss": text, "image_loss": image, "loss": text + mcfg.image_loss_weight * image,
+                      "text_tokens": int(text_tokens), "image_tokens": int(image_tokens),
+                      "val_batches": cfg.val_batches, "batch_size": cfg.batch_size, "params": total,
+                      "non_embedding_params": non_embedding, "tokens_trained": trained, "steps": step,
+                      "seed": cfg.seed, "data": cfg.data, "val_data": cfg.val_data, "weights": "final"}
+            (out / "val.json").write_text(json.dumps(record, indent=2) + "\n")
+            accelerator.log({"val/text_loss": text, "val/image_loss": image}, step=step)
+            accelerator.print(f"validation ({cfg.val_batches} batches): text {text:.4f}, image {image:.4f}; "
+                              f"{non_embedding / 1e6:.3f}M non-embedding parameters, {trained} tokens trained "
+                              f"-> {out / 'val.json'}")
     accelerator.end_training()
     return final
