@@ -19,6 +19,10 @@ Writes ``OUT/routing.json``, ``OUT/routing.md`` and ``OUT/routing.png`` (heatmap
 ``image_frac`` and ``load``, layers x experts). A per-layer specialisation score is reported too: the mean over
 experts, weighted by load, of how far image_frac moved from the data's image share towards 0 or 1
 (the way it moved): 0 = every expert sees the data mix, 1 = every expert serves one modality.
+
+The same counts for the same architecture freshly initialised (``--no-control`` skips it) give the
+score's baseline: text and image tokens enter the decoder through different embeddings, so even a
+random router separates them somewhat; specialisation learned in training is what exceeds it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from hybrid.losses import hybrid_loss
 from hybrid.moe import IMAGE, TEXT, MoEFeedForward, RouterOutput
 from hybrid.pipeline import HybridPipeline
 from hybrid.sequence import SampleBuilder
+from eval.report import save_figure
 
 
 def shapes_batches(pipe: HybridPipeline, samples: int, batch_size: int, mix_understand: float, seed: int):
@@ -109,8 +114,10 @@ def to_markdown(summary: dict, model: str) -> str:
     lines = [f"# MoE routing: {model}", "",
              f"Data image share (of routed assignments): {summary['data_image_share']:.3f}. "
              "image_frac: the image share of the expert's tokens; load: its share of all assignments.", ""]
+    control = summary.get("control_specialisation")
     for layer in summary["layers"]:
-        lines += [f"## Layer {layer['layer']} (specialisation {layer['specialisation']:.3f})", "",
+        base = f"; at initialisation {control[layer['layer']]:.3f}" if control else ""
+        lines += [f"## Layer {layer['layer']} (specialisation {layer['specialisation']:.3f}{base})", "",
                   "| expert | tokens | image_frac | load | text share | image share |", "|---:|---:|---:|---:|---:|---:|"]
         for e in layer["experts"]:
             frac = "-" if e["image_frac"] is None else f"{e['image_frac']:.3f}"
@@ -148,22 +155,26 @@ def plot(summary: dict, dest: Path, title: str) -> Path:
         ax.set_title(name, fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(dest, dpi=110)
-    plt.close(fig)
-    return dest
+    return save_figure(fig, dest)
 
 
 def report(model_dir: str | Path, out: str | Path, samples: int = 128, batch_size: int = 32,
-           mix_understand: float | None = None, seed: int = 1234) -> dict:
-    """Count, summarise and write routing.{json,md,png}; returns the summary."""
+           mix_understand: float | None = None, seed: int = 1234, control: bool = True) -> dict:
+    """Count, summarise and write routing.{json,md,png}; returns the summary. ``control`` adds
+    the specialisation of the same architecture at initialisation (``control_specialisation``)."""
+    from hybrid.model import HybridModel
+
     pipe = HybridPipeline.from_pretrained(model_dir)
     if mix_understand is None:  # images in both roles when the model reads images
         mix_understand = 0.4 if (pipe.siglip is not None or pipe.config.image_head == "tokens") else 0.0
     counts = route_counts(pipe, shapes_batches(pipe, samples, batch_size, mix_understand, seed), seed)
     summary = {"model": str(model_dir), "samples": samples, "mix_understand": mix_understand,
                "routing": pipe.config.moe_routing, "top_k": pipe.config.moe_top_k, **summarise(counts)}
+    if control:
+        torch.manual_seed(seed)
+        pipe.model = HybridModel(pipe.config).to(pipe.device)  # the same architecture, untrained
+        base = summarise(route_counts(pipe, shapes_batches(pipe, samples, batch_size, mix_understand, seed), seed))
+        summary["control_specialisation"] = [layer["specialisation"] for layer in base["layers"]]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "routing.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -181,16 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mix-understand", type=float, default=None,
                     help="share of image -> text samples (default 0.4 when the model reads images, else 0)")
     ap.add_argument("--seed", type=int, default=1234, help="data seed (not the training seed: held-out samples)")
+    ap.add_argument("--no-control", action="store_true", help="skip the freshly initialised baseline")
     args = ap.parse_args(argv)
     try:
-        s = report(args.model, args.out, args.samples, args.batch_size, args.mix_understand, args.seed)
+        s = report(args.model, args.out, args.samples, args.batch_size, args.mix_understand, args.seed,
+                   control=not args.no_control)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for layer in s["layers"]:
         fr = " ".join("-" if e["image_frac"] is None else f"{e['image_frac']:.2f}" for e in layer["experts"])
+        base = f" (at initialisation {s['control_specialisation'][layer['layer']]:.3f})" if "control_specialisation" in s else ""
         print(f"layer {layer['layer']}: image share per expert [{fr}] (data {s['data_image_share']:.2f}), "
-              f"specialisation {layer['specialisation']:.3f}")
+              f"specialisation {layer['specialisation']:.3f}{base}")
     print(f"wrote {Path(args.out) / 'routing.md'} and routing.png")
     return 0
 

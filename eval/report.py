@@ -235,9 +235,16 @@ def plot_curves(log: Path, panels: list[tuple[str, list[str]]], dest: Path, titl
         if len(ks) > 1:
             ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
+    return save_figure(fig, dest)
+
+
+def save_figure(fig, dest: Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns ``dest``."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(dest, dpi=110)
+    fig.savefig(dest, dpi=dpi)
     plt.close(fig)
     return dest
 

@@ -389,6 +389,12 @@ def hf_text_config(cfg: HybridConfig, arch: str):
                               "normalise queries and keys)")
     if arch == "llama" and cfg.attn_bias:
         raise ConversionError("attn_bias=True (q/k/v biases) is Qwen2's layout; export with --to qwen2")
+    # the research modes change what the text path computes: a dense Llama / Qwen2 cannot hold it
+    for name, value, why in (("moe_experts", cfg.moe_experts, "their feed-forwards are dense"),
+                             ("late_fusion_layers", cfg.late_fusion_layers, "they have no per-image vision blocks"),
+                             ("nope_every", cfg.nope_every, "every one of their layers applies RoPE")):
+        if value:
+            raise ConversionError(f"{name}={value} has no counterpart in Llama / Qwen2 ({why})")
     if arch not in TEXT_TYPES:
         raise ConversionError(f"unknown text architecture {arch!r}; choose from {TEXT_TYPES}")
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,

@@ -216,6 +216,10 @@ def test_export_refuses_what_llama_cannot_hold(tmp_path):
     with pytest.raises(ConversionError, match="qwen2"):
         export_hf_causal_lm(HybridModel(HybridConfig(dim=64, n_heads=4, n_layers=1, attn_bias=True)),
                             tmp_path / "y", arch="llama")
+    for field, value in (("moe_experts", 2), ("late_fusion_layers", 1), ("nope_every", 2)):  # research modes
+        with pytest.raises(ConversionError, match=field):
+            export_hf_causal_lm(HybridModel(HybridConfig(dim=64, n_heads=4, n_layers=2, **{field: value})),
+                                tmp_path / field)
 
 
 def test_cli_text_round_trip_and_errors(tmp_path, capsys):

@@ -76,12 +76,15 @@ def full_text_logits(pipe: HybridPipeline, row, generated: list[int]) -> torch.T
 
 @torch.no_grad()
 @pytest.mark.parametrize("with_images", [False, True])
-def test_text_logits_at_every_step_equal_full_recompute(tokenizer, with_images):
-    pipe = make_pipe(tokenizer)
+@pytest.mark.parametrize("head", ["diffusion", "tokens"])  # "tokens" (Chameleon) reads input images as codes
+def test_text_logits_at_every_step_equal_full_recompute(tokenizer, with_images, head):
+    pipe = make_pipe(tokenizer, head=head, with_siglip=head == "diffusion")
     prompts = ["a photo of a red circle", "two"]  # different lengths: the short row is left-padded
     images = [[photo(0)], [photo(1), photo(2)]] if with_images else ()
     out = pipe.generate_text(prompts, images=images, max_new_tokens=6, temperature=1.0, seed=0, output_scores=True)
     assert len(out.scores) == 6
+    if head == "tokens":  # text sampling never writes an image code
+        assert all(t < pipe.config.image_token_offset for row in out.token_ids for t in row)
     for b, p in enumerate(prompts):
         row = pipe.prompt_row(p, images[b] if with_images else ())
         for s in range(len(out.token_ids[b])):

@@ -23,6 +23,7 @@ features vs with the features of another sample in the batch (shuffled).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -64,9 +65,11 @@ def understanding_report(final: Path, n: int, seed: int = 0, style: str = "lette
     from train.data import understanding_caption, understanding_question
 
     pipe = HybridPipeline.from_pretrained(final)
-    if pipe.siglip is None:
+    tokens = pipe.config.image_head == "tokens"  # Chameleon: input images are read as VQ codes
+    if pipe.siglip is None and not tokens:
         raise FileNotFoundError(f"{final} has no siglip/ folder: the understanding report needs the encoder")
-    model, tokenizer, encoder, codec, cfg = pipe.model, pipe.tokenizer, pipe.siglip, pipe.codec, pipe.config
+    model, tokenizer, codec, cfg = pipe.model, pipe.tokenizer, pipe.codec, pipe.config
+    encoder = pipe._und_encoder()  # SigLIP features, or the codes
     world = ShapesWorld(resolution=cfg.image_size, seed=0)
     builder = SampleBuilder(tokenizer, cfg, caption_dropout=0.0)
     report: dict = {}
@@ -78,10 +81,10 @@ def understanding_report(final: Path, n: int, seed: int = 0, style: str = "lette
                      if kind == "caption" else understanding_question(world.question_example(i, split), style=style)
                      for i in range(min(n, 128))]
             batch = builder(items)
-            feats = encoder(batch.und_images)  # (n, M, F)
-            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))
-            for name, f in (("own_image", feats), ("shuffled_images", feats[perm])):
-                loss = hybrid_loss(model, batch, None, codec, cfg.patch_size, und_features=f,
+            perm = torch.randperm(len(batch.und_images), generator=torch.Generator().manual_seed(seed))
+            for name, imgs in (("own_image", batch.und_images), ("shuffled_images", batch.und_images[perm])):
+                b = dataclasses.replace(batch, und_images=imgs)  # each text read with another image
+                loss = hybrid_loss(model, b, None, codec, cfg.patch_size, und_features=None if tokens else encoder(imgs),
                                    image_head=cfg.image_head)
                 report[f"{kind}_text_loss_{split}/{name}"] = round(loss.text.item(), 4)
     return report
