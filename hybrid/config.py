@@ -168,11 +168,19 @@ class HybridConfig:
                             f"must hold the text tokens and codebook_size={self.codebook_size} codes")
         if self.nope_every < 0:
             problems.append(f"nope_every must be >= 0, got {self.nope_every}")
+        elif self.nope_every > self.n_layers - self.late_fusion_layers:
+            problems.append(f"nope_every={self.nope_every} leaves no layer without RoPE among the "
+                            f"{self.n_layers - self.late_fusion_layers} decoder layers")
+        if self.attn_temperature_tuning and not self.nope_every:
+            problems.append("attn_temperature_tuning scales the queries of layers without RoPE: set nope_every")
         if self.attn_floor_scale <= 0:
             problems.append(f"attn_floor_scale must be > 0, got {self.attn_floor_scale}")
         if self.moe_experts < 0:
             problems.append(f"moe_experts must be >= 0, got {self.moe_experts}")
         elif self.moe_experts:
+            if self.pad_id in (self.bos_id, self.eos_id, self.boi_id, self.eoi_id, self.img_id):
+                problems.append(f"MoE routing reads padding from pad_id={self.pad_id}, which is also a real token "
+                                "here (pad = eos in converted checkpoints): give padding its own id")
             if not 1 <= self.moe_top_k <= self.moe_experts:
                 problems.append(f"moe_top_k must be in [1, moe_experts={self.moe_experts}], got {self.moe_top_k}")
             if self.moe_layers is not None and (not self.moe_layers or any(

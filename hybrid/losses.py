@@ -122,6 +122,7 @@ def hybrid_loss(
         und_index=und_index,
         logits_index=logits_pos,
         gen_codes=codes,
+        want_code_logits=not tokens,
     )
     zero = out.hidden.sum() * 0.0  # keeps the graph connected when a modality is absent
     logits = out.logits.float()  # (K_text [+ K_codes], V)

@@ -156,7 +156,7 @@ class Attention(nn.Module):
             masks = mask if isinstance(mask, list) else [mask]
             out = torch.cat([self.attend(q[r], *part.write(layer, k[r], v[r]), m)
                              for part, r, m in zip(cache.parts, cache.rows, masks)])
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, D)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None) -> Tensor:
         """(B, H, T, hd) queries against (B, Hkv, S, hd) keys / values -> (B, H, T, hd)."""
@@ -299,6 +299,7 @@ class HybridModel(nn.Module):
         logits_index: Tensor | None = None,
         gen_codes: Tensor | None = None,
         cache: KVCache | CacheGroups | None = None,
+        want_code_logits: bool = True,
     ) -> HybridOutput:
         """
         input_ids, position_ids: (B, T); attn_mask: (B, 1, T, T) bool or a BlockMask.
@@ -311,7 +312,8 @@ class HybridModel(nn.Module):
         cache: run these T tokens after the cached ones (generation). attn_mask is then
         (B, 1, T, cache.length + T) (``masks.cached_mask``; None = attend to everything; a list
         with one mask per part of ``CacheGroups``) and every index above is relative to this chunk; the chunk's keys/values are written to the cache, which keeps them only when
-        the caller commits them (``KVCache``).
+        the caller commits them (``KVCache``). ``want_code_logits=False`` skips ``code_logits``
+        (the "tokens" loss reads the codes' logits among the text logits instead).
         """
         B, T = input_ids.shape
         total = T + (cache.length if cache is not None else 0)
@@ -367,7 +369,7 @@ class HybridModel(nn.Module):
         if gen_tokens is not None:
             image_pred = self.image_out(flat[gen_index.reshape(-1)]).view(*gen_index.shape, self.config.patch_dim)  # (n, N, P)
         code_logits = None
-        if gen_codes is not None and cache is None:  # code i is predicted from the position before
+        if gen_codes is not None and cache is None and want_code_logits:  # code i is predicted from the position before
             # it (<boi> for i=0); with a cache that position may be cached: use next_code_logits
             code_logits = self.code_head(flat[gen_index.reshape(-1) - 1]).view(*gen_index.shape, self.config.codebook_size)  # (n, N, K)
         return HybridOutput(logits=logits, image_pred=image_pred, hidden=h, code_logits=code_logits,
@@ -380,15 +382,19 @@ class HybridModel(nn.Module):
         cfg = self.config
         for index, bidirectional in ((gen_index, True), (und_index, cfg.und_bidirectional)):
             if index is None or not index.numel():
-                continue
+                if not torch.is_grad_enabled():
+                    continue
+                # training: run the blocks on no image anyway, so that every step uses them the same
+                # number of times on every rank (ZeRO-3 gathers a block's parameters collectively)
+                index = gen_index.new_zeros(0, 1) if gen_index is not None else h.new_zeros(0, 1, dtype=torch.long)
             n, N = index.shape
-            x = h[index.reshape(-1)].view(n, N, -1)  # (n, N, D)
+            x = h[index.reshape(-1)].view(n, N, h.shape[-1])  # (n, N, D)
             pos = torch.arange(N, device=h.device).expand(n, N)
             cos, sin = self.rope(pos, x.dtype)
             mask = None if bidirectional else torch.ones(N, N, dtype=torch.bool, device=h.device).tril()
             for layer in self.vision_layers:
                 x, _ = layer(x, cos, sin, mask, None, 0, pos)
-            h = h.index_copy(0, index.reshape(-1), x.reshape(n * N, -1))
+            h = h.index_copy(0, index.reshape(-1), x.reshape(n * N, h.shape[-1]))
         return h
 
     def embed_codes(self, codes: Tensor, aligner: nn.Module | None = None) -> Tensor:
@@ -401,8 +407,8 @@ class HybridModel(nn.Module):
     def code_head(self, hn: Tensor) -> Tensor:
         """(..., D) normed hidden states -> (..., K) next-code logits: the "ar" head, or for
         "tokens" the LM head's code rows (generation restricted to codes, as Chameleon samples)."""
-        if self.config.image_head == "tokens":
-            return F.linear(hn, self.lm_head.weight[self.config.image_token_offset:])
+        if self.config.image_head == "tokens":  # through lm_head itself (ZeRO-3 gathers it in its forward)
+            return self.lm_head(hn)[..., self.config.image_token_offset:]
         return self.gen_head(hn)
 
     def next_code_logits(self, hidden: Tensor) -> Tensor:

@@ -6,13 +6,15 @@ SwiGLU on the token and the outputs are summed with those weights. Two routing r
 
 * "agnostic" (the default): every token may choose any expert. The Apple study ("Scaling Laws for
   Native Multimodal Models") found this better than fixing experts per modality, and its experts
-  specialised by modality on their own; ``python -m hybrid.moe_report`` measures that here.
+  specialised by modality on their own; ``python -m eval.moe_routing`` measures that here.
 * "aware": text tokens choose among the text experts (the first ones), image tokens among the
   image experts (the last ``image_experts``), by masking the other group's logits.
 
 Dispatch is dropless by default (every assignment computed); with a capacity factor each expert
-takes at most ``ceil(factor * tokens * k / experts)`` assignments, earliest tokens first, and the
-rest are dropped (the token keeps only its residual), as in Switch Transformer / GShard.
+takes at most ``ceil(factor * tokens * k / experts)`` assignments in training (tokens and experts
+of its modality group under "aware" routing), earliest tokens first, and the rest are dropped (the
+token keeps only its residual), as in Switch Transformer / GShard. Evaluation and generation are
+dropless, so a token's output never depends on what else is in the batch.
 
 The layer is loss-free like the rest of the model: it returns its router logits and choices
 (``RouterOutput``); ``router_losses`` turns them into the load-balancing loss (Switch Transformer)
@@ -66,7 +68,8 @@ class MoEFeedForward(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D) all tokens of the batch
         modality = modality.reshape(-1)
-        logits = self.router(x).float()  # (T, E): routing decisions in fp32 (bf16 ties flip choices)
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32 (bf16 ties flip choices)
+            logits = F.linear(x.float(), self.router.weight.float())  # (T, E)
         allowed = self.allowed_experts(modality)
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
         gate, chosen = probs.topk(self.top_k, dim=-1)  # (T, k)
@@ -76,16 +79,23 @@ class MoEFeedForward(nn.Module):
         real = modality != PAD  # padding is not dispatched: its output is 0 (it keeps its residual)
         out = torch.zeros_like(x)
         dropped = x.new_zeros((), dtype=torch.long)
-        capacity = None
-        if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * int(real.sum()) * self.top_k / self.n_experts)
+        capacity = [None] * self.n_experts
+        if self.capacity_factor is not None and self.training:
+            # per expert: the tokens that may choose it, shared among the experts of its group
+            may = (allowed & real[:, None]).sum(0).tolist()  # (E,) one sync
+            group = [self.n_experts] * self.n_experts
+            if self.routing == "aware":
+                n_img = self.image_experts
+                group = [self.n_experts - n_img] * (self.n_experts - n_img) + [n_img] * n_img
+            capacity = [math.ceil(self.capacity_factor * m * self.top_k / g) for m, g in zip(may, group)]
         for e, expert in enumerate(self.experts):
             # Every expert runs, even on no token: each parameter is used in every step (DDP and
             # ZeRO-3 reduce / gather the same parameters in the same order on every rank).
             token, slot = ((chosen == e) & real[:, None]).nonzero(as_tuple=True)  # in token order
-            if capacity is not None and token.numel() > capacity:
-                dropped = dropped + (token.numel() - capacity)
-                token, slot = token[:capacity], slot[:capacity]
+            cap = capacity[e]
+            if cap is not None and token.numel() > cap:
+                dropped = dropped + (token.numel() - cap)
+                token, slot = token[:cap], slot[:cap]
             y = expert(x[token]) * gate[token, slot, None]  # (n_e, D)
             out = out.index_add(0, token, y)
         return out.view(shape), RouterOutput(logits, chosen, modality, allowed, dropped)
@@ -96,7 +106,8 @@ def router_losses(routers: list[RouterOutput]) -> tuple[Tensor, Tensor]:
 
     Load balance (Switch Transformer, generalised to top-k): ``E * sum_e f_e * P_e`` with ``f_e``
     the share of the k assignments given to expert e and ``P_e`` its mean router probability; 1.0
-    when perfectly balanced. With modality-aware routing each modality's experts are balanced over
+    when both are uniform, E when one expert takes everything with certainty (it can dip below 1
+    when the assignments and the probabilities are unbalanced in opposite directions). With modality-aware routing each modality's experts are balanced over
     that modality's tokens (``E_g * sum f P`` inside the group), weighted by the group's tokens.
     z-loss (ST-MoE): mean squared logsumexp of the router logits, keeping logits small."""
     balance, z = [], []

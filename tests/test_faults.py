@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,21 @@ def test_sigkill_at_a_random_step_resumes_bitwise(tmp_path, tok, capsys):
 
 
 # ---------------------------------------------------------------------------- non-finite steps
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_one_record_per_step(tmp_path, tok):
+    """A run that logged steps but left no complete checkpoint (killed before its first save)
+    starts over from step 0 when rerun: the redone steps replace the earlier records, not follow
+    them (the random-kill test above hits this only when its kill lands before step 3's save)."""
+    out = tmp_path / "early"
+    cmd = args(out, tok, "steps=3", "log_every=1", "save_every=100")
+    assert main(cmd) == 0
+    first = losses(out)
+    assert sorted(first) == [1, 2, 3]
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # as if killed before any save
+    assert main(cmd) == 0
+    assert losses(out) == first  # each step once, with the same (deterministic) values
 
 
 def test_non_finite_steps_are_skipped(tmp_path, tok):

@@ -132,6 +132,27 @@ def test_capacity_drops_the_latest_assignments_and_keeps_the_rest():
     torch.testing.assert_close(out[0, kept], full[0, kept], atol=1e-6, rtol=0)  # matmul rounding by batch size
     assert (out[0, ~kept] == 0).all()
     assert int(rc.dropped) == int((~kept).sum()) == sum(max(0, int((expert == e).sum()) - 5) for e in range(2))
+    capped.eval()  # evaluation and generation are dropless: a token's output never depends on the batch
+    out, rc = capped(x, modality)
+    assert int(rc.dropped) == 0
+    torch.testing.assert_close(out, full, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_aware_capacity_is_shared_within_each_modality():
+    """With aware routing an image expert serves image tokens only: its capacity is factor x image
+    tokens x k / image experts. 15 image and 5 text tokens, 2 + 2 experts, factor 1: 8 per image
+    expert, 3 per text expert; one image expert taking all 15 keeps 8."""
+    layer = experts_module(n=4, k=1, routing="aware", image_experts=2, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2, 0] = 10.0  # image expert 2 wins every image token with x[..., 0] > 0
+        layer.router.weight[0, 0] = 10.0  # text expert 0 wins every text token likewise
+    x = torch.randn(1, 20, 16)
+    x[..., 0] = x[..., 0].abs() + 1
+    modality = torch.tensor([[IMAGE] * 15 + [TEXT] * 5])
+    _, r = layer(x, modality)
+    assert int(r.dropped) == (15 - 8) + (5 - 3)
 
 
 def test_moe_objective_adds_its_weighted_router_losses_and_trains_the_router(debug_cfg, tokenizer):
@@ -142,7 +163,7 @@ def test_moe_objective_adds_its_weighted_router_losses_and_trains_the_router(deb
     plain = hybrid_loss(model, batch, generator=torch.Generator().manual_seed(0), **kw)
     weighted = hybrid_loss(model, batch, generator=torch.Generator().manual_seed(0), moe_aux_weight=0.3,
                            moe_z_weight=0.2, **kw)
-    assert plain.moe_balance.item() >= 1.0 - 1e-5  # 1 only when perfectly balanced
+    assert torch.isfinite(plain.moe_balance) and plain.moe_balance > 0
     torch.testing.assert_close(weighted.total, plain.total + 0.3 * plain.moe_balance + 0.2 * plain.moe_z)
     plain.total.backward()  # top-1 gates are the router's probabilities: the task loss reaches the router
     assert model.layers[0].ffn.router.weight.grad.abs().sum() > 0
@@ -232,6 +253,26 @@ def test_late_fusion_keeps_the_parameter_count_and_reads_each_image_alone(debug_
         HybridConfig.from_preset("debug", late_fusion_layers=1, image_head="ar", image_codec="vq", patch_size=1)
 
 
+def test_late_fusion_runs_its_vision_blocks_in_every_training_step(debug_cfg, tokenizer):
+    """ZeRO-3 gathers a block's parameters collectively each time it runs: a training step must run
+    the vision blocks the same number of times whatever the batch holds (twice: generated and input
+    images, on nothing if need be); evaluation skips the empty passes."""
+    cfg = HybridConfig.from_dict({**debug_cfg.to_dict(), "late_fusion_layers": 1})
+    model = HybridModel(cfg)
+    calls = []
+    model.vision_layers[0].register_forward_hook(lambda *a: calls.append(1))
+    kw = dict(scheduler=get_scheduler("flow"), codec=PixelCodec(), patch_size=cfg.patch_size)
+    for samples in (SAMPLES, [["just some text here"]]):
+        calls.clear()
+        hybrid_loss(model, batch_for(cfg, tokenizer, samples), generator=torch.Generator().manual_seed(0), **kw)
+        assert len(calls) == 2, samples
+    calls.clear()
+    with torch.no_grad():
+        text = batch_for(cfg, tokenizer, [["just some text here"]])
+        model(text.input_ids, text.position_ids, text.attention_mask())
+    assert not calls
+
+
 # --------------------------------------------------------------------------- Chameleon ("tokens")
 def test_tokens_loss_is_one_lm_cross_entropy_over_the_token_sequence(tokenizer):
     """Chameleon's objective: write every image's codes into the sequence as vocabulary ids and
@@ -304,11 +345,7 @@ def test_every_mode_generates_text_and_images_as_a_full_recompute_does(tokenizer
 
     pipe = make_pipe(tokenizer, with_siglip=True, **VARIANTS[variant])
     c, model = pipe.config, pipe.model
-    if variant == "moe_aware_capacity":  # capacity depends on the whole batch: check it dropless
-        model_cfg = model.config
-        for layer in model.layers:
-            layer.ffn.capacity_factor = None
-        assert model_cfg.moe_capacity_factor == 1.0
+    assert not model.training  # generation is dropless: capacity (moe_aware_capacity) applies in training only
     prompts = ["a photo of a red circle", "two"]
     images = [[photo(0)], [photo(1), photo(2)]]
     out = pipe.generate_text(prompts, images=images, max_new_tokens=4, temperature=1.0, seed=0, output_scores=True)
@@ -399,7 +436,7 @@ def test_each_mode_trains_and_samples_on_the_debug_config(tmp_path, visual_compo
     losses = [r for r in records if "loss" in r]
     assert losses and all(r["loss"] == r["loss"] for r in losses)  # finite, logged
     if mode.startswith("moe"):
-        assert all(r["moe_balance"] >= 1.0 - 1e-4 for r in losses)
+        assert all(0 < r["moe_balance"] < 4 and r["moe_router_z"] >= 0 for r in losses)  # logged, finite
     assert any("answer_accuracy_heldout" in r for r in records)  # multiple choice scored through its path
     pipe = HybridPipeline.from_pretrained(out / "final")
     c = pipe.config

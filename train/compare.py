@@ -1,4 +1,4 @@
-"""Train several variants of one hybrid config on the same data and compute budget, then compare them.
+"""Train several variants of one hybrid config on the same data and steps, then compare them.
 
     python -m train.compare train/configs/research/compare.yaml --out runs/compare
     python -m train.compare train/configs/research/compare.yaml --out runs/compare \\
@@ -51,10 +51,11 @@ def load_plan(path: Path, sets: list[str]) -> dict:
 
 
 def active_parameters(model_cfg) -> dict[str, int]:
-    """Parameters a token passes through, outside the embeddings: every decoder block's attention
-    and norms, its FFN or its top-k experts (and router), the final norm and LM head; plus the
-    vision blocks for an image token in late fusion. Input embeddings and image in/out layers are
-    left out, as in scaling-law counts (Kaplan et al.: non-embedding parameters)."""
+    """Weight parameters a token passes through: every decoder block's attention and norms, its FFN
+    or its top-k experts (and router), the final norm; for a text token the LM head too, for an
+    image token the vision blocks in late fusion. The input embeddings and the image in / out
+    layers are left out (small, and not per-block compute); with image_head="tokens" an image
+    token is counted like a text token, since the LM head writes codes too."""
     import torch
 
     from hybrid.model import HybridModel
@@ -71,9 +72,11 @@ def active_parameters(model_cfg) -> dict[str, int]:
             dec += p.numel()
         if isinstance(block.ffn, MoEFeedForward):
             dec += block.ffn.top_k * sum(p.numel() for p in block.ffn.experts[0].parameters())
-    dec += sum(p.numel() for p in model.norm.parameters()) + model.lm_head.weight.numel()
+    dec += sum(p.numel() for p in model.norm.parameters())
+    head = model.lm_head.weight.numel()
     vision = sum(p.numel() for p in model.vision_layers.parameters())
-    return {"total": total, "active_text": dec, "active_image": dec + vision}
+    image = dec + vision + (head if model_cfg.image_head == "tokens" else 0)
+    return {"total": total, "active_text": dec + head, "active_image": image}
 
 
 def token_mix(cfg, samples: int = 256) -> float:

@@ -149,6 +149,9 @@ class TrainConfig:
             problems.append("mix_caption, mix_interleaved and mix_understand must be >= 0 and not all 0")
         if self.mc_answer not in MC_ANSWERS:
             problems.append(f"mc_answer must be one of {MC_ANSWERS}, got {self.mc_answer!r}")
+        if self.model_config().image_head == "tokens" and (self.siglip_path or self.siglip_trainable):
+            problems.append("model.image_head=tokens (Chameleon) reads input images as VQ codes: siglip_path and "
+                            "siglip_trainable do not apply; leave them unset")
         if (self.mix_understand > 0 and not self.siglip_path and not self.init_from
                 and self.model_config().image_head != "tokens"):  # "tokens" reads input images as VQ codes
             problems.append("mix_understand > 0 needs siglip_path (a SiglipEncoder folder, e.g. runs/siglip/final)")

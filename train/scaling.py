@@ -15,8 +15,8 @@ optimum. Chinchilla's grid is alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, .
 {0, 5, ..., 25} (4,500 points). Here the objective is evaluated at every grid point (one vectorised
 pass) and L-BFGS is started from the ``starts`` best of them (``starts=None``: from all of them, as
 Chinchilla did): 4,500 L-BFGS runs take about a minute on one core, and the bootstrap repeats the
-fit hundreds of times. On synthetic data whose coefficients the points determine, the 16 best
-starts reach the optimum of all of them (tests/test_scaling.py). Where the points do not determine
+fit hundreds of times. On synthetic data whose coefficients the points determine, L-BFGS from
+the few best-scored starts reaches the optimum of all starts (tests/test_scaling.py, on a small grid). Where the points do not determine
 a coefficient (a term below the noise), starts end at very different values of it with nearly the
 same objective; the bootstrap intervals are then wide, which is the honest answer.
 

@@ -64,10 +64,11 @@ from train.shapes import ShapesWorld
 # The tokenizer a run trains when none is given: on this many texts of its shapes world.
 TOKENIZER_TEXTS = 20_000
 # The final validation (TrainConfig.val_batches) on the shapes world reads another world of the
-# same distribution, seeded seed + this: scenes that were not trained on, from the same
-# compositions (the "heldout" split would measure compositional generalisation instead).
-VAL_SEED_OFFSET = 1_000_003
-# Its diffusion timesteps and noise: batch i draws from a generator seeded val_noise_seed(seed, i).
+# same distribution, with this seed: scenes that were not trained on, from the same compositions
+# (the "heldout" split would measure compositional generalisation instead). The same world and
+# noise for every training seed, so that runs of different seeds are scored on the same samples.
+VAL_WORLD_SEED = 1_000_003
+# Its diffusion timesteps and noise: batch i draws from a generator seeded val_noise_seed(i).
 VAL_NOISE_SEED = 0x5EED_7A1
 
 
@@ -176,6 +177,10 @@ def resume_state(accelerator, out: Path, resume: str, key: str, expected, train_
     refused, naming the fields, unless ``allow_config_change``."""
     ckpt = None if resume == "none" else latest_checkpoint(out) if resume == "auto" else Path(resume)
     if ckpt is None:
+        # starting from step 0: records of an earlier attempt (one killed before its first complete
+        # checkpoint) are about to be redone, and would otherwise be logged twice
+        if accelerator.is_main_process:
+            drop_log_after(out / "log.jsonl", 0)
         return 0, {}
     if not (ckpt / STATE_FILE).is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {STATE_FILE})")
@@ -325,13 +330,15 @@ def save_sample_grid(pixels: torch.Tensor, prompts: list[str], path: Path, scale
 
 def validation_set(cfg: TrainConfig, mcfg, collate: SampleBuilder) -> Dataset:
     """The held-out data of the final validation: for the shapes world, the training mixture from
-    another world seed (``VAL_SEED_OFFSET``), caption dropout included, so that the number is the
-    training objective on unseen samples; for file data, ``cfg.val_data`` read like ``cfg.data``."""
+    another world (``VAL_WORLD_SEED``, whatever the training seed; the next seed if a run trains on
+    that one), caption dropout included, so that the number is the training objective on unseen
+    samples; for file data, ``cfg.val_data`` read like ``cfg.data``."""
     if cfg.shapes_data:
-        world = ShapesWorld(resolution=mcfg.image_size, seed=cfg.seed + VAL_SEED_OFFSET)
+        seed = VAL_WORLD_SEED + (cfg.seed == VAL_WORLD_SEED)
+        world = ShapesWorld(resolution=mcfg.image_size, seed=seed)
         return ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
                               mix_understand=cfg.mix_understand, caption_dropout=mcfg.caption_dropout,
-                              seed=cfg.seed + VAL_SEED_OFFSET, mc_answer=cfg.mc_answer)
+                              seed=seed, mc_answer=cfg.mc_answer)
     if not cfg.val_data:
         raise ValueError("val_batches > 0 with file data needs val_data (held-out files)")
     return build_sources(parse_data_spec(cfg.val_data), mcfg.image_size, 10_000_000, seed=cfg.seed,
@@ -344,16 +351,16 @@ def val_batch(dataset: Dataset, collate: SampleBuilder, i: int, batch_size: int)
     return collate([dataset[j] for j in range(i * batch_size, (i + 1) * batch_size)])
 
 
-def val_noise_seed(seed: int, i: int) -> int:
-    return VAL_NOISE_SEED + seed * 1_000_003 + i
+def val_noise_seed(i: int) -> int:
+    return VAL_NOISE_SEED + i
 
 
 @torch.no_grad()
 def validation_sums(model: HybridModel, batches: Iterable[tuple[int, MultimodalBatch]], scheduler, codec,
-                    seed: int, encoder: SiglipEncoder | None = None, encoder_trained: bool = False) -> torch.Tensor:
+                    encoder: SiglipEncoder | None = None, encoder_trained: bool = False) -> torch.Tensor:
     """Summed losses over ``(i, batch)`` pairs: ``(text loss x text tokens, text tokens, image loss x
     image tokens, image tokens)`` (float64), each batch scored by ``hybrid_loss`` as the training
-    loop scores it, with noise from a generator seeded ``val_noise_seed(seed, i)``. Understanding
+    loop scores it, with noise from a generator seeded ``val_noise_seed(i)``. Understanding
     images go through ``encoder`` (with ``image_head="tokens"`` hybrid_loss reads them as VQ codes
     itself); a batch without any gives the aligner features of no image, as in training (a trained
     encoder still runs, on a blank image: under ZeRO-3 every process must run every module). The
@@ -375,7 +382,7 @@ def validation_sums(model: HybridModel, batches: Iterable[tuple[int, MultimodalB
                 und = encoder(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device))[:0]
             elif encoder is not None:
                 und = torch.zeros(0, cfg.und_tokens, cfg.und_feature_dim, device=device)
-        g.manual_seed(val_noise_seed(seed, i))
+        g.manual_seed(val_noise_seed(i))
         loss = hybrid_loss(model, batch, scheduler, codec, cfg.patch_size, cfg.image_loss_weight, cfg.attn_impl,
                            und_features=und, generator=g, image_head=cfg.image_head)
         sums += torch.tensor([loss.text.item() * loss.text_tokens, loss.text_tokens,
@@ -443,8 +450,8 @@ def train(cfg: TrainConfig) -> Path:
     if base.image_codec == "vq":
         sizes["codebook_size"] = codec.codebook_size
     encoder = None
-    siglip_path = component(cfg.siglip_path, "siglip")
     tokens_mode = base.image_head == "tokens"  # Chameleon: input images are VQ codes, no SigLIP
+    siglip_path = None if tokens_mode else component(cfg.siglip_path, "siglip")
     if cfg.mix_understand > 0 and not siglip_path and not tokens_mode:
         raise ValueError("mix_understand > 0 needs siglip_path (or an init_from folder with siglip/)")
     if siglip_path:
@@ -760,7 +767,7 @@ def train(cfg: TrainConfig) -> Path:
         with accelerator.autocast():
             for i in range(p, -(-cfg.val_batches // P) * P, P):
                 sums = validation_sums(unwrapped, [(i, val_batch(vset, collate, i, cfg.batch_size))], scheduler,
-                                       codec, cfg.seed, encoder, tuned is not None)
+                                       codec, encoder, tuned is not None)
                 if i < cfg.val_batches:
                     counted += sums
         text_sum, text_tokens, image_sum, image_tokens = accelerator.reduce(counted, "sum").tolist()
@@ -768,7 +775,10 @@ def train(cfg: TrainConfig) -> Path:
         if main:
             total, non_embedding = count_parameters(exported)
             text, image = text_sum / max(text_tokens, 1), image_sum / max(image_tokens, 1)
-            record = {"text_loss": text, "image_loss": image, "loss": text + mcfg.image_loss_weight * image,
+            # the objective as trained: one cross-entropy over text and codes for "tokens", else text + lambda x image
+            loss = ((text_sum + image_sum) / max(text_tokens + image_tokens, 1) if mcfg.image_head == "tokens"
+                    else text + mcfg.image_loss_weight * image)
+            record = {"text_loss": text, "image_loss": image, "loss": loss,
                       "text_tokens": int(text_tokens), "image_tokens": int(image_tokens),
                       "val_batches": cfg.val_batches, "batch_size": cfg.batch_size, "params": total,
                       "non_embedding_params": non_embedding, "tokens_trained": trained, "steps": step,
