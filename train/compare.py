@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from train.recipe import ACCELERATE_CONFIG, Job, _fmt, run_jobs
+from train.recipe import ACCELERATE_CONFIG, Job, _fmt, run_cli, run_jobs
 
 
 def load_plan(path: Path, sets: list[str]) -> dict:
@@ -172,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-file", default=ACCELERATE_CONFIG, help="accelerate config for every run")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
     a = ap.parse_args(argv)
-    try:
-        return compare(a)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"compare: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("compare", lambda: compare(a))
 
 
 def compare(a: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,13 +202,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads per stage process (default: the cores shared among the jobs running); "
                          "1 when other work shares the machine: on a busy CPU a 2-thread step stalls")
     a = ap.parse_args(argv)
+    return run_cli("recipe", lambda: run_recipe(a))
+
+
+def run_cli(name: str, body: Callable[[], int]) -> int:
+    """Run a launcher's body: a bad config, a missing file or a failed stage is one line naming
+    the problem (exit 2), an interrupt says how to resume (exit 130) -- never a traceback."""
     try:
-        return run_recipe(a)
+        return body()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"recipe: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nrecipe: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"\n{name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
 

@@ -50,10 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.config import load_config
-from train.recipe import Job, _fmt, run_jobs
+from train.recipe import ACCELERATE_CONFIG, Job, _fmt, run_cli, run_jobs
 from train.state_io import STATE_FILE, latest_checkpoint
 
-ACCELERATE_CONFIG = "train/accelerate/recipe.yaml"
 LOSSES = ("text_loss", "image_loss", "loss")  # fitted one by one; "loss" = text + lambda * image
 
 
@@ -261,14 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per point (default: the cores shared among the jobs running)")
     a = ap.parse_args(argv)
-    try:
-        return run_sweep(a, "python -m train.sweep " + shlex.join(argv if argv is not None else sys.argv[1:]))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nsweep: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    command = "python -m train.sweep " + shlex.join(argv if argv is not None else sys.argv[1:])
+    return run_cli("sweep", lambda: run_sweep(a, command))
 
 
 def run_sweep(a: argparse.Namespace, command: str) -> int:
