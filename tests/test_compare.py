@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from hybrid.model import HybridModel
 from hybrid.tokenizer import train_tokenizer
@@ -32,7 +33,7 @@ def plan(tmp_path_factory) -> Path:
         "config": "train/configs/debug.yaml",
         "overrides": [f"tokenizer={tok}", "steps=4", "log_every=1", "save_every=100", "num_samples=2"],
         "val_batches": 2, "routing_samples": 8,
-        "variants": {"dense": [], "late": ["model.late_fusion_layers=1"],
+        "variants": {"dense": [], "late": ["model.late_fusion_layers=1", "fault_nan_steps=[2]"],
                      "moe": ["model.moe_experts=2", "model.moe_top_k=1"]}}))
     return path
 
@@ -46,6 +47,8 @@ def test_compare_trains_every_variant_and_counts_active_parameters(plan, tmp_pat
     for r in rows.values():
         assert math.isfinite(r["val_text_loss"]) and math.isfinite(r["val_image_loss"])
         assert r["tokens_trained"] > 0 and r["train_flops"] > 0 and 0 < r["image_token_share"] < 1
+        assert r["grad_norm_max"] > 0
+    assert [r["non_finite_steps"] for r in rows.values()] == [0, 1, 0]  # late's step 2 made NaN
     dense, late, moe = rows["dense"], rows["late"], rows["moe"]
     dense_cfg = load_config("train/configs/debug.yaml", []).model_config()
     dim, layers = dense_cfg.dim, dense_cfg.n_layers
@@ -67,6 +70,8 @@ def test_compare_trains_every_variant_and_counts_active_parameters(plan, tmp_pat
     md = (out / "results.md").read_text()
     assert all(f"| {name} |" in md for name in rows) and "-m eval.moe_routing" in md
     assert len(result["commands"]) == 4  # three trainings + one routing report
+    with Image.open(out / "curves.png") as im:
+        assert im.format == "PNG"
 
     # a rerun trains nothing again: the finished variants are skipped, the results are the same
     stamp = {n: (out / n / "final" / "model.safetensors").stat().st_mtime_ns for n in rows}

@@ -14,7 +14,9 @@ rerun and an interrupted one resumes from its checkpoint. Then ``OUT/results.md`
 ``results.json``: per variant the parameters (total; active per text token and per image token,
 which differ for MoE and late fusion), training FLOPs from those and the trained tokens of each
 modality, wall time and tokens/s, held-out text and image losses, the shapes-world sample and
-multiple-choice accuracies at the last step, and for MoE the routing specialisation.
+multiple-choice accuracies at the last step, the largest gradient norm and the non-finite steps
+skipped, and for MoE the routing specialisation; ``OUT/curves.png`` overlays the variants'
+training losses and gradient norms.
 
 On a GPU pass ``--config-file train/accelerate/single_gpu.yaml`` (or multi_gpu.yaml) and a GPU
 plan; everything else is the same.
@@ -115,13 +117,18 @@ def summarise(out: Path, name: str) -> dict:
     train_recs = [r for r in recs if "tokens_per_s" in r]
     last_eval = [r for r in recs if "sample_accuracy_train" in r or "answer_accuracy_train" in r][-1:]
     tps = sorted(r["tokens_per_s"] for r in train_recs[1:]) or [float("nan")]  # the first includes startup
+    # stability (QK-norm / z-loss / LR comparisons): the largest pre-clip gradient norm logged and
+    # the steps skipped for a non-finite loss or gradient
+    norms = [r["grad_norm"] for r in train_recs if isinstance(r.get("grad_norm"), (int, float))]
+    skipped = sum(1 for r in recs if "skipped" in r)
     share = token_mix({**raw, "model_cfg": mcfg, "tokenizer": str(run / "final" / "tokenizer")})
     tokens = val.get("tokens_trained")
     flops = None
     if tokens:  # 6 x active parameters x tokens, each modality with its own active count
         flops = 6 * tokens * ((1 - share) * params["active_text"] + share * params["active_image"])
     row = {"variant": name, **params, "image_token_share": share, "tokens_trained": tokens, "train_flops": flops,
-           "tokens_per_s": tps[len(tps) // 2], "val_text_loss": val.get("text_loss"), "val_image_loss": val.get("image_loss")}
+           "tokens_per_s": tps[len(tps) // 2], "val_text_loss": val.get("text_loss"), "val_image_loss": val.get("image_loss"),
+           "grad_norm_max": max(norms, default=None), "non_finite_steps": skipped}
     if last_eval:
         row.update({k: v for k, v in last_eval[0].items() if k.startswith(("sample_accuracy", "answer_accuracy"))
                     and "/" not in k})
@@ -132,6 +139,35 @@ def summarise(out: Path, name: str) -> dict:
         if "control_specialisation" in r:
             row["routing_specialisation_at_init"] = [round(v, 3) for v in r["control_specialisation"]]
     return row
+
+
+def plot_variants(out: Path, names: list[str]) -> Path | None:
+    """``out/curves.png``: training text loss, image loss and gradient norm against the step, one
+    line per variant (the loss spikes and norm growth a stability comparison looks for)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
+    from eval.report import read_log, save_figure
+
+    logs = {n: [r for r in read_log(out / n / "log.jsonl") if "tokens_per_s" in r] for n in names}
+    keys = [k for k in ("text_loss", "image_loss", "grad_norm") if any(k in r for rs in logs.values() for r in rs)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, rows in logs.items():
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), label=name, linewidth=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_yscale("log")
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    return save_figure(fig, out / "curves.png")
 
 
 def routing(r: dict) -> str:
@@ -148,18 +184,20 @@ def to_markdown(rows: list[dict], plan_path: Path, commands: list[str]) -> str:
 
     lines = [f"# Variant comparison: {plan_path}", "",
              "| variant | params (M) | active / text token (M) | active / image token (M) | train TFLOP | tokens/s | "
-             "val text loss | val image loss | sample acc. (train / held-out) | MC acc. (train / held-out) | "
-             "routing specialisation per MoE layer (at init) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+             "val text loss | val image loss | max grad norm | non-finite steps | sample acc. (train / held-out) | "
+             "MC acc. (train / held-out) | routing specialisation per MoE layer (at init) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['total'] / 1e6:.2f} | {r['active_text'] / 1e6:.2f} | {r['active_image'] / 1e6:.2f} | "
             f"{f(r['train_flops'] and r['train_flops'] / 1e12, '{:.2f}')} | {f(r['tokens_per_s'], '{:.0f}')} | "
             f"{f(r['val_text_loss'])} | {f(r['val_image_loss'], '{:.4f}')} | "
+            f"{f(r.get('grad_norm_max'), '{:.2f}')} | {r.get('non_finite_steps', '-')} | "
             f"{f(r.get('sample_accuracy_train'), '{:.2f}')} / {f(r.get('sample_accuracy_heldout'), '{:.2f}')} | "
             f"{f(r.get('answer_accuracy_train'), '{:.2f}')} / {f(r.get('answer_accuracy_heldout'), '{:.2f}')} | "
             f"{routing(r)} |")
-    lines += ["", "Commands (in order):", "", "```", *commands, "```", ""]
+    lines += ["", "Training curves per variant: `curves.png`.", "",
+              "Commands (in order):", "", "```", *commands, "```", ""]
     return "\n".join(lines)
 
 
@@ -211,6 +249,7 @@ def compare(a: argparse.Namespace) -> int:
         rows.append(summarise(out, name))
     (out / "results.json").write_text(json.dumps({"plan": str(a.plan), "rows": rows, "commands": commands}, indent=2) + "\n")
     (out / "results.md").write_text(to_markdown(rows, a.plan, commands))
+    plot_variants(out, names)
     print(f"\ncompared {len(rows)} variants in {_fmt(time.time() - t0)}: {out / 'results.md'}")
     for r in rows:
         print(f"  {r['variant']:<16} val text {r['val_text_loss']:.3f}  image {r['val_image_loss']:.4f}  "
