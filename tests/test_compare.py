@@ -91,3 +91,18 @@ def test_bad_plans_are_clear_errors(plan, tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"config": "train/configs/debug.yaml", "variants": {"x": []}, "seeds": 2}))
     assert main([str(bad), "--out", str(tmp_path / "c")]) == 2
     assert "unknown keys ['seeds']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(Path("train/configs/research").glob("*.yaml")))
+def test_research_plans_are_valid(path):
+    """Every variant of every shipped plan is a valid hybrid config (typos fail here, not after
+    the first variants have trained)."""
+    from train.compare import load_plan
+
+    if "variants" not in yaml.safe_load(path.read_text()):
+        load_config(str(path), []).model_config()  # a base config
+        return
+    plan = load_plan(path, [])
+    for name, over in plan["variants"].items():
+        cfg = load_config(plan["config"], [*plan["overrides"], *over])
+        assert cfg.model_config() is not None, name
