@@ -211,15 +211,25 @@ def read_log(path: Path) -> list[dict]:
 
 def plot_curves(log: Path, panels: list[tuple[str, list[str]]], dest: Path, title: str) -> Path | None:
     """One PNG with a panel per (title, keys) against the training step; None if nothing to plot."""
+    rows = read_log(log)
+    return plot_panels([(t, [(k, log_points(rows, k)) for k in keys]) for t, keys in panels], dest, title)
+
+
+def log_points(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of the log records where ``key`` holds a number."""
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+
+
+def plot_panels(panels: list[tuple[str, list[tuple[str, list[tuple[int, float]]]]]], dest: Path,
+                title: str | None = None, log_y: bool = False) -> Path | None:
+    """One PNG with a panel per ``(title, [(label, points), ...])``, each line ``(step, value)``
+    points; empty lines and panels are left out; None (and no file) if nothing is left."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
-    rows = read_log(log)
-    series = [(t, [(k, [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]) for k in keys])
-              for t, keys in panels]
-    series = [(t, [(k, pts) for k, pts in ks if pts]) for t, ks in series]
+    series = [(t, [(k, pts) for k, pts in ks if pts]) for t, ks in panels]
     series = [(t, ks) for t, ks in series if ks]
     if not series:
         return None
@@ -230,11 +240,14 @@ def plot_curves(log: Path, panels: list[tuple[str, list[str]]], dest: Path, titl
             ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, markersize=3, label=k)
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        if log_y:
+            ax.set_yscale("log")
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if len(ks) > 1:
             ax.legend(fontsize=6)
-    fig.suptitle(title, fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return save_figure(fig, dest)
 
 

@@ -386,7 +386,7 @@ class HybridModel(nn.Module):
                     continue
                 # training: run the blocks on no image anyway, so that every step uses them the same
                 # number of times on every rank (ZeRO-3 gathers a block's parameters collectively)
-                index = gen_index.new_zeros(0, 1) if gen_index is not None else h.new_zeros(0, 1, dtype=torch.long)
+                index = h.new_zeros(0, 1, dtype=torch.long)
             n, N = index.shape
             x = h[index.reshape(-1)].view(n, N, h.shape[-1])  # (n, N, D)
             pos = torch.arange(N, device=h.device).expand(n, N)

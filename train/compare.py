@@ -144,30 +144,12 @@ def summarise(out: Path, name: str) -> dict:
 def plot_variants(out: Path, names: list[str]) -> Path | None:
     """``out/curves.png``: training text loss, image loss and gradient norm against the step, one
     line per variant (the loss spikes and norm growth a stability comparison looks for)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
-
-    from eval.report import read_log, save_figure
+    from eval.report import log_points, plot_panels, read_log
 
     logs = {n: [r for r in read_log(out / n / "log.jsonl") if "tokens_per_s" in r] for n in names}
-    keys = [k for k in ("text_loss", "image_loss", "grad_norm") if any(k in r for rs in logs.values() for r in rs)]
-    if not keys:
-        return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for name, rows in logs.items():
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), label=name, linewidth=1)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_yscale("log")
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    return save_figure(fig, out / "curves.png")
+    panels = [(key, [(n, log_points(rows, key)) for n, rows in logs.items()])
+              for key in ("text_loss", "image_loss", "grad_norm")]
+    return plot_panels(panels, out / "curves.png", log_y=True)
 
 
 def routing(r: dict) -> str:
