@@ -194,7 +194,11 @@ CURVES: dict[str, list[tuple[str, list[str]]]] = {
                ("zero-shot top-1", ["heldout_i2t_top1", "heldout_t2i_top1", "train_i2t_top1", "train_t2i_top1"])],
     "hybrid": [("text loss", ["text_loss"]), ("image loss", ["image_loss"]),
                ("periodic checks", ["sample_accuracy_train", "sample_accuracy_heldout",
-                                    "answer_accuracy_train", "answer_accuracy_heldout"])],
+                                    "answer_accuracy_train", "answer_accuracy_heldout"]),
+               ("clutter guard (share of samples)", ["sample_strict_train", "sample_extra_train",
+                                                     "sample_noisy_train", "sample_empty_train"]),
+               ("image reliance: caption loss, own vs another image", ["reliance_own_train", "reliance_shuffled_train",
+                                                                      "reliance_gap_train", "reliance_gap_heldout"])],
 }
 
 
@@ -302,9 +306,56 @@ def build_recipe_report(out: Path, scores: dict, targets: dict, times: dict[str,
         if prompts.is_file():
             curves.lines += [f"{line}" for line in prompts.read_text().splitlines()] + [""]
     cmds = Section("Commands", ["What the recipe ran, in order:", ""] + [f"`{shlex.join(c)}`" for c in commands])
+    instruments = instruments_section(out)
     runs = [p for p in (out / "eval" / f"{kind}_{split}" for kind in ("geneval", "mmbench")
                         for split in ("train", "heldout")) if p.is_dir()]
-    return build_report(runs, rep, title=f"hybrid recipe: {out}", preface=[summary, curves], epilogue=[cmds])
+    return build_report(runs, rep, title=f"hybrid recipe: {out}", preface=[summary, instruments, curves],
+                        epilogue=[cmds])
+
+
+def instruments_section(out: Path) -> Section:
+    """What shows whether the model learned to see and to draw: the clutter guard of the GenEval
+    runs, image reliance (first and last sampling step of training, and the final model), and the
+    linear probes of the encoder and of the model's hidden states (``train.probes``)."""
+    sec = Section("Learning instruments", [])
+    rows = []
+    for split in ("train", "heldout"):
+        f = out / "eval" / f"geneval_{split}" / "summary.json"
+        if f.is_file():
+            s = json.loads(f.read_text())
+            if "strict_overall" in s:
+                rows.append([split, f"{s['overall']:.3f}", f"{s['strict_overall']:.3f}", f"{s['extra_share']:.2f}",
+                             f"{s['empty_share']:.2f}", f"{s['noisy_share']:.2f}"])
+    if rows:
+        sec.lines += ["GenEval with the clutter guard (strict = right *and* on a clean canvas: no more objects than "
+                      "prompted, no stray foreground), shares of images:", ""]
+        sec.lines += table(["compositions", "GenEval overall", "strict overall", "more objects than prompted",
+                            "empty", "noisy"], rows) + [""]
+    log = out / "hybrid" / "log.jsonl"
+    checks = [r for r in read_log(log) if "reliance_gap_train" in r] if log.is_file() else []
+    probes_file = out / "eval" / "probes.json"
+    probes = json.loads(probes_file.read_text()) if probes_file.is_file() else {}
+    if checks or probes:
+        sec.lines += ["Image reliance: the caption text loss with each image's own understanding features vs another "
+                      "image's (a gap near 0 = the model ignores the image):", ""]
+        rows = [[f"training step {r['step']}", *(f"{r.get(f'reliance_{k}_{s}', float('nan')):.3f}"
+                                                 for s in ("train", "heldout") for k in ("own", "shuffled", "gap"))]
+                for r in checks[:1] + checks[-1:]]
+        if "reliance_train" in probes:
+            rows.append(["final model (128 captions)", *(f"{probes[f'reliance_{s}'][k]:.3f}"
+                                                         for s in ("train", "heldout") for k in ("own", "shuffled", "gap"))])
+        sec.lines += table(["when", "own (train)", "shuffled (train)", "gap (train)", "own (held-out)",
+                            "shuffled (held-out)", "gap (held-out)"], rows) + [""]
+    feats = [k for k in ("pixels", "encoder", "hybrid_middle", "hybrid_last") if k in probes]
+    if feats:
+        tasks = ("color", "shape", "count", "x_position", "y_position")
+        sec.lines += ["Linear probes (train compositions / held-out compositions; chance in the last row):", ""]
+        rows = [[k, *(f"{probes[k][f'train/{t}']:.2f} / {probes[k][f'heldout/{t}']:.2f}" for t in tasks)] for k in feats]
+        rows.append(["chance", *(f"{probes[feats[0]][f'chance/{t}']:.2f}" for t in tasks)])
+        sec.lines += table(["features", *tasks], rows) + [""]
+    if not sec.lines:
+        sec.lines = ["(no instruments recorded for this run)"]
+    return sec
 
 
 # ---------------------------------------------------------------- output

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from train.detect import detect, evaluate
+from train.detect import clutter, detect, evaluate
 from train.shapes import COLORS, SHAPES, TAGS, ShapesWorld
 
 HELDOUT_TAGS: tuple[str, ...] = ("colors", "color_attr")
@@ -69,6 +69,8 @@ def score_sample(path: str | Path, metadata: dict, threshold: float = THRESHOLD,
             kept.append(d)
     correct, reason = evaluate(kept, metadata)
     details = {s: [[*d.bbox, d.confidence] for d in kept if d.shape == s] for s in SHAPES}
+    flags = clutter(image, kept, metadata)  # beyond GenEval's fields: the clutter guard (train.detect)
     return {"filename": str(path), "tag": metadata["tag"], "prompt": metadata["prompt"], "correct": bool(correct),
             "reason": reason, "metadata": json.dumps(metadata),
-            "details": json.dumps({k: v for k, v in details.items() if v})}
+            "details": json.dumps({k: v for k, v in details.items() if v}),
+            "strict": bool(correct) and flags["clean"], **{k: flags[k] for k in ("extra", "empty", "noisy")}}

@@ -95,6 +95,12 @@ class HybridConfig:
     # images are codes too (no SigLIP), and one next-token cross-entropy trains text and images.
     image_head: str = "diffusion"
     timestep_freq_dim: int = 256  # sinusoidal features fed to the timestep MLP (DiT)
+    # How the diffusion timestep reaches the transformer. "add": its embedding is added to every
+    # image token's input once (Transfusion / U-ViT). "adaln": also DiT's adaptive norm in every
+    # block and before image_out: the timestep shifts and scales each normalised image token and
+    # gates its residual branches (zero-initialised, so training starts from "add"); text tokens
+    # are never modulated, so the text path is exactly a Llama.
+    time_conditioning: str = "add"
     codebook_size: int = 256  # "ar": VQ codes the generation head predicts
     code_embed_dim: int = 8  # "ar": width of the code embedding before the generation aligner
     gen_head_dim: int | None = None  # "ar": hidden width of the generation head; None -> dim
@@ -204,6 +210,11 @@ class HybridConfig:
         elif self.late_fusion_layers and self.image_head != "diffusion":
             problems.append("late_fusion_layers needs image_head='diffusion': a vision encoder reads a whole image "
                             "span at once, which code-by-code generation never has")
+        if self.time_conditioning not in ("add", "adaln"):
+            problems.append(f"time_conditioning must be 'add' or 'adaln', got {self.time_conditioning!r}")
+        elif self.time_conditioning == "adaln" and (self.image_head != "diffusion" or self.late_fusion_layers):
+            problems.append("time_conditioning='adaln' modulates the diffusion head's image tokens in the decoder "
+                            "blocks: it needs image_head='diffusion' and late_fusion_layers=0")
         if self.aligner_depth < 1:
             problems.append(f"aligner_depth must be >= 1, got {self.aligner_depth}")
         if not 0.0 <= self.caption_dropout < 1.0:

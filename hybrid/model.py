@@ -195,15 +195,42 @@ class Block(nn.Module):
                                       cfg.moe_routing, cfg.moe_image_experts or 0)
         else:
             self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+        # DiT's adaLN: the timestep's shift / scale / gate for both sub-layers, image tokens only
+        self.ada = nn.Linear(cfg.dim, 6 * cfg.dim, bias=False) if cfg.time_conditioning == "adaln" else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttentionMask | list,
                 cache: KVCache | CacheGroups | None = None, layer: int = 0, position_ids: Tensor | None = None,
-                modality: Tensor | None = None) -> tuple[Tensor, RouterOutput | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, position_ids)
+                modality: Tensor | None = None, cond: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, RouterOutput | None]:
+        """``cond`` = (c, index): per-token timestep conditioning (n*N, D) for the image tokens at the
+        flat positions ``index`` (n*N,) of x's (B*T) rows; None (or no ``ada``) leaves every token as is."""
+        if self.ada is None or cond is None:
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, position_ids)
+            if isinstance(self.ffn, MoEFeedForward):
+                y, router = self.ffn(self.ffn_norm(x), modality)
+                return x + y, router
+            return x + self.ffn(self.ffn_norm(x)), None
+        c, index = cond
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)  # each (n*N, D)
+        a = self.attn(modulate(self.attn_norm(x), index, shift1, scale1), cos, sin, mask, cache, layer, position_ids)
+        x = x + modulate(a, index, None, gate1)
+        y = modulate(self.ffn_norm(x), index, shift2, scale2)
+        router = None
         if isinstance(self.ffn, MoEFeedForward):
-            y, router = self.ffn(self.ffn_norm(x), modality)
-            return x + y, router
-        return x + self.ffn(self.ffn_norm(x)), None
+            y, router = self.ffn(y, modality)
+        else:
+            y = self.ffn(y)
+        return x + modulate(y, index, None, gate2), router
+
+
+def modulate(x: Tensor, index: Tensor, shift: Tensor | None, scale: Tensor) -> Tensor:
+    """x (B, T, D) with its rows at flat positions ``index`` (K,) replaced by row * (1 + scale) +
+    shift (each (K, D)); other rows unchanged. Zero scale and shift give x back (identity init)."""
+    flat = x.reshape(-1, x.shape[-1])  # (B*T, D)
+    rows = flat[index] * (1 + scale)
+    if shift is not None:
+        rows = rows + shift
+    return flat.index_copy(0, index, rows.to(flat.dtype)).view_as(x)
 
 
 def mlp(in_dim: int, out_dim: int, depth: int, hidden: int | None = None) -> nn.Sequential:
@@ -253,6 +280,8 @@ class HybridModel(nn.Module):
             self.time_proj = Timesteps(cfg.timestep_freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
             self.time_embed = TimestepEmbedding(cfg.timestep_freq_dim, D)
             self.image_out = nn.Linear(D, cfg.patch_dim)
+            # adaLN: the final norm's shift and scale for image tokens (DiT's final layer)
+            self.final_ada = nn.Linear(D, 2 * D, bias=False) if cfg.time_conditioning == "adaln" else None
         elif cfg.image_head == "ar":  # VQ code ids in, next-code logits out (Janus: generation embeddings/aligner/head)
             self.gen_embed = nn.Embedding(cfg.codebook_size, cfg.code_embed_dim)
             self.gen_aligner = mlp(cfg.code_embed_dim, D, cfg.aligner_depth)
@@ -277,14 +306,22 @@ class HybridModel(nn.Module):
         if self.config.image_head == "diffusion":
             # Zero-init the diffusion head (DiT): the first prediction is 0, a stable starting point.
             nn.init.zeros_(self.image_out.weight)
+            # adaLN-Zero: every modulation starts at 0, i.e. exactly the "add" model at initialisation
+            for m in [self.final_ada, *(b.ada for b in self.layers)]:
+                if m is not None:
+                    nn.init.zeros_(m.weight)
 
     def embed_images(self, patches: Tensor, timesteps: Tensor) -> Tensor:
         """(n, N, P) noisy patches and (n,) timesteps -> (n, N, D) span embeddings."""
         # the weights' dtype, not the inputs': fp32 latents meet bf16 weights when the whole model is
         # cast (DeepSpeed bf16 has no autocast); under autocast the weights stay fp32 and this is a no-op
         dtype = self.image_in.weight.dtype
-        t_emb = self.time_embed(self.time_proj(timesteps.float()).to(dtype))  # (n, D)
-        return self.image_in(patches.to(dtype)) + t_emb[:, None, :]
+        return self.image_in(patches.to(dtype)) + self.embed_timesteps(timesteps)[:, None, :]
+
+    def embed_timesteps(self, timesteps: Tensor) -> Tensor:
+        """(n,) diffusion timesteps (model units) -> (n, D) timestep embeddings (DiT's embedder)."""
+        dtype = self.image_in.weight.dtype
+        return self.time_embed(self.time_proj(timesteps.float()).to(dtype))
 
     def forward(
         self,
@@ -340,6 +377,11 @@ class HybridModel(nn.Module):
             else:  # an encoder loaded in another precision (bf16 Janus tower) still feeds an fp32 model
                 emb = self.aligner(und_features.to(self.aligner[0].weight.dtype))
             h = h.index_copy(0, und_index.reshape(-1), emb.reshape(-1, emb.shape[-1]).to(h.dtype))
+        cond = None  # adaLN: each image token's timestep conditioning, silu(t_emb) as DiT feeds its adaLN
+        if gen_tokens is not None and self.config.time_conditioning == "adaln":
+            n_gen, N = gen_index.shape
+            c = F.silu(self.embed_timesteps(gen_timesteps)).to(h.dtype)  # (n, D)
+            cond = (c.repeat_interleave(N, dim=0), gen_index.reshape(-1))  # (n*N, D), (n*N,)
         if self.vision_layers:
             h = self.encode_spans(h, gen_index if gen_tokens is not None else None, und_index if und_features is not None else None)
         h = h.view(B, T, -1)  # (B, T, D)
@@ -356,9 +398,9 @@ class HybridModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if recompute:
                 h, router = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, None, i, position_ids,
-                                                              modality, use_reentrant=False)
+                                                              modality, cond, use_reentrant=False)
             else:
-                h, router = layer(h, cos, sin, attn_mask, cache, i, position_ids, modality)
+                h, router = layer(h, cos, sin, attn_mask, cache, i, position_ids, modality, cond)
             if router is not None:
                 routers.append(router)
         hn = self.norm(h)
@@ -367,7 +409,11 @@ class HybridModel(nn.Module):
         logits = self.lm_head(flat[logits_index] if logits_index is not None else hn)
         image_pred = None
         if gen_tokens is not None:
-            image_pred = self.image_out(flat[gen_index.reshape(-1)]).view(*gen_index.shape, self.config.patch_dim)  # (n, N, P)
+            img = flat[gen_index.reshape(-1)]  # (n*N, D)
+            if cond is not None:  # DiT's final layer: the normalised image tokens shifted and scaled by t
+                shift, scale = self.final_ada(cond[0]).chunk(2, dim=-1)
+                img = img * (1 + scale) + shift
+            image_pred = self.image_out(img).view(*gen_index.shape, self.config.patch_dim)  # (n, N, P)
         code_logits = None
         if gen_codes is not None and cache is None and want_code_logits:  # code i is predicted from the position before
             # it (<boi> for i=0); with a cache that position may be cached: use next_code_logits

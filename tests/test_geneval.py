@@ -212,7 +212,10 @@ def test_scorer_on_ground_truth_renders_right_and_deliberately_wrong(tmp_path):
     for r in results:
         kind, tag = expect[r["filename"]]
         assert r["correct"] == (kind == "right"), (kind, r)
-        assert set(r) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
+        # GenEval's fields, then the clutter guard's
+        assert set(r) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details",
+                          "strict", "extra", "empty", "noisy"}
+        assert r["strict"] <= r["correct"]
         assert isinstance(r["metadata"], str) and json.loads(r["metadata"])["tag"] == tag == r["tag"]
         assert isinstance(r["details"], str) and (r["reason"] == "") == r["correct"]
     assert json.loads((out / "summary.json").read_text())["total_images"] == len(results)
@@ -225,7 +228,7 @@ def test_summary_overall_is_the_unweighted_mean_of_the_tasks(capsys):
                 res("single_object", "m2", True)] + [res("counting", "m3", False), res("counting", "m3", True)]
                + [res("position", "m4", False)] * 3)
     s = summarize(results)
-    assert s["tasks"]["single_object"] == {"accuracy": 0.75, "correct": 3, "total": 4}
+    assert s["tasks"]["single_object"] == {"accuracy": 0.75, "correct": 3, "total": 4, "ci95": [0.3006, 0.9544]}
     assert s["overall"] == pytest.approx((0.75 + 0.5 + 0.0) / 3) and s["correct_images"] == pytest.approx(4 / 9)
     assert s["total_prompts"] == 4 and s["correct_prompts"] == 0.75
     text = format_summary(s).splitlines()

@@ -145,3 +145,32 @@ def test_save_load_round_trip(debug_cfg, tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         (tmp_path / "m" / "model.safetensors").unlink()
         load_pretrained_model(tmp_path / "m")
+
+
+def test_adaln_starts_as_the_add_model_and_modulates_only_image_tokens(debug_cfg, tokenizer):
+    """adaLN-Zero: at initialisation the model computes exactly what time_conditioning="add" does;
+    once its modulations are non-zero the image predictions change and the text logits of a
+    caption before the image do not (text tokens are never modulated)."""
+    torch.manual_seed(0)
+    add = HybridModel(debug_cfg).eval()
+    torch.nn.init.normal_(add.image_out.weight, std=0.02)
+    cfg = HybridConfig.from_dict({**debug_cfg.to_dict(), "time_conditioning": "adaln"})
+    ada = HybridModel(cfg).eval()
+    missing, unexpected = ada.load_state_dict(add.state_dict(), strict=False)
+    assert not unexpected and missing and all("ada" in k for k in missing)
+    batch = batch_for(debug_cfg, tokenizer, SAMPLES)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, debug_cfg.image_tokens, debug_cfg.patch_dim, generator=g), torch.tensor([900.0, 50.0])
+    with torch.no_grad():
+        a, b = run(add, batch, x, t), run(ada, batch, x, t)
+        torch.testing.assert_close(b.image_pred, a.image_pred)
+        torch.testing.assert_close(b.logits, a.logits)
+        for m in [ada.final_ada, *(blk.ada for blk in ada.layers)]:
+            torch.nn.init.normal_(m.weight, std=0.05, generator=g)
+        c = run(ada, batch, x, t)
+    assert (c.image_pred - a.image_pred).abs().max() > 1e-3
+    first_image = int(batch.gen_index.min())  # positions before the first image: text only
+    torch.testing.assert_close(c.logits.view(-1, c.logits.shape[-1])[:first_image],
+                               a.logits.view(-1, a.logits.shape[-1])[:first_image])
+    with pytest.raises(ValueError, match="time_conditioning"):
+        HybridConfig.from_dict({**debug_cfg.to_dict(), "time_conditioning": "film"})

@@ -335,6 +335,7 @@ VARIANTS = {
     "moe_aware_capacity": dict(moe_experts=4, moe_routing="aware", moe_capacity_factor=1.0),
     "late_fusion": dict(late_fusion_layers=1),
     "irope": dict(nope_every=2, attn_temperature_tuning=True, attn_floor_scale=4.0),
+    "adaln": dict(time_conditioning="adaln"),
 }
 
 
@@ -345,6 +346,9 @@ def test_every_mode_generates_text_and_images_as_a_full_recompute_does(tokenizer
 
     pipe = make_pipe(tokenizer, with_siglip=True, **VARIANTS[variant])
     c, model = pipe.config, pipe.model
+    for name, p in model.named_parameters():  # zero-initialised heads and adaLN: make them count
+        if p.dim() >= 2 and not p.any():
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
     assert not model.training  # generation is dropless: capacity (moe_aware_capacity) applies in training only
     prompts = ["a photo of a red circle", "two"]
     images = [[photo(0)], [photo(1), photo(2)]]
@@ -413,6 +417,7 @@ TRAINED_MODES = {
     "moe_aware": ["model.moe_experts=4", "model.moe_routing=aware", "model.moe_layers=[1]"],
     "late_fusion": ["model.late_fusion_layers=1"],
     "irope": ["model.nope_every=2", "model.attn_temperature_tuning=true"],
+    "adaln": ["model.time_conditioning=adaln"],
     "chameleon": ["model.image_head=tokens", "model.patch_size=1", "model.und_bidirectional=false"],
 }
 

@@ -126,7 +126,12 @@ def test_visual_paths_train_sample_and_export(tmp_path, visual_components, head,
     from train.sample_eval import score_run
 
     scores = score_run(out / "final", n=4, seeds=[0], num_steps=2)  # the exported run is self-contained
-    assert scores["images"] == 4 and 0.0 <= scores["heldout"] <= 1.0 and 0.0 <= scores["train"] <= 1.0
+    assert scores["images"] == 4
+    for split in ("train", "heldout"):
+        s = scores[split]
+        assert s["n"] == 2 and 0.0 <= s["strict"] <= s["accuracy"] <= 1.0
+        assert s["ci95"][0] <= s["accuracy"] <= s["ci95"][1]
+    assert any("reliance_gap_train" in r for r in records)  # logged at every sampling step
     with pytest.raises(ValueError, match="vq_path"):
         load_config(DEBUG, ["model.image_codec=vq"])
     with pytest.raises(ValueError, match="siglip_path"):

@@ -45,6 +45,7 @@ class TrainConfig:
     mix_caption: float = 0.85  # caption -> image samples
     mix_interleaved: float = 0.15  # text, image, text, image documents
     mix_understand: float = 0.0  # image -> caption / multiple-choice answer, through the SigLIP path
+    understand_questions: float = 0.5  # of the understanding samples, the share that are questions
     # what a multiple-choice answer is trained as: "letter" ("B") or "text" (" a red circle", the
     # right option's text); both are what MMBench's answer matching reads (train/data.py)
     mc_answer: str = "letter"
@@ -63,6 +64,9 @@ class TrainConfig:
     siglip_trainable: bool = False  # fine-tune the SigLIP encoder with the model (frozen by default)
     siglip_lr_scale: float = 0.1  # its learning rate relative to lr
     und_eval: int = 100  # held-out and train multiple-choice questions scored at every sample step
+    # captions per split read with their own and with another image's features at every sample step
+    # (train.probes.image_reliance): the gap shows whether the model uses the image, and when it stops
+    reliance_n: int = 64
     # > 0: when the run finishes, the mean text and image loss (hybrid_loss, token-weighted, eval
     # mode, fixed noise) over this many batches of batch_size held-out samples, in OUT/val.json
     # (with the parameter and training-token counts: what train.sweep fits scaling laws to). The
@@ -147,6 +151,8 @@ class TrainConfig:
         mixes = (self.mix_caption, self.mix_interleaved, self.mix_understand)
         if min(mixes) < 0 or sum(mixes) <= 0:
             problems.append("mix_caption, mix_interleaved and mix_understand must be >= 0 and not all 0")
+        if not 0.0 <= self.understand_questions <= 1.0:
+            problems.append(f"understand_questions must be in [0, 1], got {self.understand_questions}")
         if self.mc_answer not in MC_ANSWERS:
             problems.append(f"mc_answer must be one of {MC_ANSWERS}, got {self.mc_answer!r}")
         if self.model_config().image_head == "tokens" and (self.siglip_path or self.siglip_trainable):
@@ -192,7 +198,7 @@ class TrainConfig:
 RESTART_FIELDS = frozenset({
     "output_dir", "stop_at", "resume", "allow_config_change", "log_every", "save_every",
     "keep_checkpoints", "sample_every", "num_samples", "sample_steps", "guidance_scale", "temperature",
-    "top_k", "und_eval", "heldout_eval", "num_workers", "max_bad_steps", "fault_nan_steps", "data_on_error",
+    "top_k", "und_eval", "reliance_n", "heldout_eval", "num_workers", "max_bad_steps", "fault_nan_steps", "data_on_error",
     "val_batches", "val_data",  # evaluated after training, from the exported weights
 })
 

@@ -57,6 +57,7 @@ class ShapesTrainSet(Dataset):
         split: str = "train",
         seed: int = 0,
         mc_answer: str = "letter",
+        understand_questions: float = 0.5,
     ):
         if mc_answer not in MC_ANSWERS:
             raise ValueError(f"mc_answer must be one of {MC_ANSWERS}, got {mc_answer!r}")
@@ -66,6 +67,7 @@ class ShapesTrainSet(Dataset):
         self.p_caption = mix_caption / total
         self.p_interleaved = mix_interleaved / total
         self.caption_dropout = caption_dropout
+        self.understand_questions = understand_questions  # the rest of the understanding samples are captions
 
     def __len__(self) -> int:
         return self.length
@@ -80,7 +82,7 @@ class ShapesTrainSet(Dataset):
             return {"segments": [ex.prompt, ex.image], "drop_caption": rng.random() < self.caption_dropout}
         if u < self.p_caption + self.p_interleaved:
             return {"segments": self.world.interleaved_example(index, self.split), "drop_caption": False}
-        if rng.random() < 0.5:
+        if rng.random() >= self.understand_questions:
             ex = self.world.caption_example(index, self.split)
             return {"segments": understanding_caption(ex.image, ex.prompt), "drop_caption": False}
         return {"segments": understanding_question(self.world.question_example(index, self.split),

@@ -16,6 +16,7 @@ same numbers mean the same thing as GenEval's, only with our detector in the loo
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -241,3 +242,74 @@ def evaluate(detections: Sequence[Any], metadata: dict) -> tuple[bool, str]:
             correct = False
             reasons.append(f"expected {cls}<{count}, found {len(groups[cls])}")
     return correct, "\n".join(reasons)
+
+
+# --------------------------------------------------------------------------- the clutter guard
+STRAY_LIMIT = 0.02  # share of the canvas that may be foreground outside every detected object
+
+
+def expected_objects(metadata: dict) -> int:
+    """How many objects a clean image for this prompt shows: the include clauses' counts (the
+    shapes world's caption scenes hold exactly the named objects)."""
+    return sum(int(req["count"]) for req in metadata["include"])
+
+
+def clutter(image: Image.Image | np.ndarray, detections: Sequence[Detection], metadata: dict,
+            stray_limit: float = STRAY_LIMIT) -> dict[str, bool]:
+    """What GenEval's rules let pass but a person would not call a clean answer to the prompt.
+
+    ``extra``: more objects detected than the prompt asks for (GenEval's include clauses only need
+    "at least", so a canvas full of shapes satisfies most prompts). ``empty``: nothing detected.
+    ``noisy``: more than ``stray_limit`` of the canvas is foreground (nearer a palette colour than
+    the background) outside every detected object's box: specks, smears, coloured noise. ``clean``:
+    none of the three. Clean renders of the world are always clean."""
+    arr = to_rgb_array(image)
+    h, w = arr.shape[:2]
+    refs = np.array([BACKGROUND] + list(PALETTE.values()), dtype=np.float32)
+    fg = np.linalg.norm(arr.astype(np.float32)[..., None, :] - refs, axis=-1).argmin(-1) != 0  # (H, W)
+    for d in detections:
+        x0, y0, x1, y1 = d.bbox
+        fg[y0:y1, x0:x1] = False
+    out = {"extra": len(detections) > expected_objects(metadata), "empty": not detections,
+           "noisy": bool(fg.sum() > stray_limit * h * w)}
+    out["clean"] = not any(out.values())
+    return out
+
+
+def judge(image: Image.Image | np.ndarray, metadata: dict, min_confidence: float = 0.3) -> dict[str, bool]:
+    """One generated image: ``correct`` by GenEval's rules, the clutter flags, and ``strict`` =
+    correct and clean (the score that noise or clutter cannot raise)."""
+    found = detect(image, min_confidence=min_confidence)
+    meta = {k: v for k, v in metadata.items() if k != "split"}
+    ok = evaluate(found, meta)[0]
+    flags = clutter(image, found, meta)
+    return {"correct": ok, **flags, "strict": ok and flags["clean"]}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (95% by default): the accuracy interval
+    that stays inside [0, 1] and is honest at small n and at 0 / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def summarize_judgements(records: Sequence[dict], group: str = "tag") -> dict:
+    """Records (dicts with ``judge``'s fields and a ``group`` key) -> per group and overall:
+    accuracy with its Wilson 95% interval, strict accuracy, and the extra / empty / noisy shares."""
+    def stats(rs: Sequence[dict]) -> dict:
+        n = len(rs)
+        k = sum(r["correct"] for r in rs)
+        lo, hi = wilson(k, n)
+        out = {"n": n, "accuracy": k / n if n else float("nan"), "ci95": [round(lo, 4), round(hi, 4)],
+               "strict": sum(r["strict"] for r in rs) / n if n else float("nan")}
+        out.update({f"{f}_share": sum(r[f] for r in rs) / n if n else float("nan") for f in ("extra", "empty", "noisy")})
+        return out
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r[group]].append(r)
+    return {"all": stats(records), **{g: stats(rs) for g, rs in groups.items()}}

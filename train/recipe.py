@@ -50,7 +50,8 @@ QUICK = {
     "hybrid": ["steps=12", "save_every=12", "sample_every=12", "log_every=4", "num_samples=4", "sample_steps=2",
                "und_eval=8", "model.dim=64", "model.n_layers=2", "batch_size=8"],
 }
-QUICK_EVAL = {"geneval_per_tag": 1, "geneval_samples": 2, "geneval_steps": 2, "mmbench_n": 4}
+QUICK_EVAL = {"geneval_per_tag": 1, "geneval_samples": 2, "geneval_steps": 2, "mmbench_n": 4, "probes_fit": 40,
+              "probes_score": 20}
 
 
 @dataclass
@@ -63,6 +64,8 @@ class EvalSettings:
     guidance_scale: float = 3.0
     batch_size: int = 32
     mmbench_n: int = 200  # questions per split (x 4 circular rotations)
+    probes_fit: int = 1000  # renders the linear probes are fitted on (train.probes), per feature set
+    probes_score: int = 500  # renders they are scored on, per split
 
 
 @dataclass
@@ -176,11 +179,26 @@ def read_scores(out: Path) -> dict[str, float | None]:
             scores[f"geneval_overall_{split}"] = s["overall"]
             for tag, v in s["tasks"].items():
                 scores[f"geneval_{tag}_{split}"] = v["accuracy"]
+            if "strict_overall" in s:  # the clutter guard: right and on a clean canvas; the clutter shares
+                scores[f"geneval_strict_{split}"] = s["strict_overall"]
+                scores[f"geneval_extra_share_{split}"] = s["extra_share"]
+                scores[f"geneval_noisy_share_{split}"] = s["noisy_share"]
         m = out / "eval" / f"mmbench_{split}" / "summary.json"
         if m.is_file():
             s = json.loads(m.read_text())["overall"]
             scores[f"mmbench_circular_{split}"] = s.get("circular")
             scores[f"mmbench_vanilla_{split}"] = s.get("vanilla")
+    p = out / "eval" / "probes.json"
+    if p.is_file():
+        probes = json.loads(p.read_text())
+        for split in ("train", "heldout"):
+            if f"reliance_{split}" in probes:
+                scores[f"reliance_gap_{split}"] = probes[f"reliance_{split}"]["gap"]
+        for feats in ("encoder", "hybrid_last"):
+            for task in ("color", "shape", "count"):
+                for split in ("train", "heldout"):
+                    if f"{split}/{task}" in probes.get(feats, {}):
+                        scores[f"probe_{feats}_{task}_{split}"] = probes[feats][f"{split}/{task}"]
     return scores
 
 
@@ -284,6 +302,9 @@ def run_recipe(a: argparse.Namespace) -> int:
         evals.append(Job(f"mmbench_{split}", [
             [py, "-m", "eval.mmbench", "run", str(mmbench_files[split]), "--model", str(model), "--out", str(m),
              "--batch-size", str(ev.batch_size)]], m / "summary.json", logs / f"mmbench_{split}.log"))
+    probes = ev_dir / "probes.json"  # what the encoder and the model's hidden states hold; image reliance
+    evals.append(Job("probes", [[py, "-m", "train.probes", str(model), "--out", str(probes), "--n-fit",
+                                 str(ev.probes_fit), "--n-score", str(ev.probes_score)]], probes, logs / "probes.log"))
     all_jobs = [vq, siglip, hybrid, *evals]
     (out / "commands.sh").write_text(
         "# the recipe's commands, in order (VQ and SigLIP are independent; so are the evaluations)\n" +

@@ -7,12 +7,11 @@
 
 Generates one image per prompt for ``n`` GenEval-format prompts (half from the training
 compositions, half held out; spread over the six tags) and applies the shapes detector with
-GenEval's rules, per split and per tag. A quick comparison tool for runs on the shapes world;
-the GenEval-compatible evaluation is ``eval/``'s job.
-
-Caveat: the detector assigns a shape to every blob it finds, so cluttered, meaningless images
-score above zero (a model with an untrained generation head reached 1/3 on a 6-prompt grid);
-compare runs against such a floor, not against zero.
+GenEval's rules, per split and per tag, with a Wilson 95% interval (runs whose intervals overlap
+are not ranked by it). The detector assigns a shape to every blob it finds, so cluttered,
+meaningless images can satisfy GenEval's "at least" rules; the clutter guard reports the share of
+images with more objects than prompted, empty ones and noisy ones, and ``strict`` counts an image
+only if it is right *and* clean, so noise or clutter can never outscore clean images there.
 
 ``--understanding`` instead scores the understanding path (the run's final/ must hold siglip/):
 multiple-choice accuracy per split and category, and an ablation that shows whether the model
@@ -23,7 +22,6 @@ features vs with the features of another sample in the batch (shuffled).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -32,7 +30,8 @@ import torch
 from hybrid.pipeline import HybridPipeline
 from hybrid.sampling import generate_images
 from train.config import MC_ANSWERS
-from train.detect import detect, evaluate
+from train.detect import judge, summarize_judgements
+from train.probes import image_reliance
 from train.shapes import ShapesWorld
 from train.trainer import answer_accuracy, sample_prompts, to_uint8
 
@@ -40,10 +39,12 @@ from train.trainer import answer_accuracy, sample_prompts, to_uint8
 @torch.no_grad()
 def score_run(final: Path, n: int, seeds: list[int], guidance_scale: float = 3.0, num_steps: int = 25,
               batch_size: int = 48, min_confidence: float = 0.3) -> dict:
+    """Per split and per split/tag: GenEval-rule accuracy with its Wilson 95% interval, the strict
+    accuracy (right *and* on a clean canvas) and the clutter guard's shares (``train.detect.judge``)."""
     pipe = HybridPipeline.from_pretrained(final)
     model, tokenizer, codec, scheduler, cfg = pipe.model, pipe.tokenizer, pipe.codec, pipe.scheduler, pipe.config
     rows = sample_prompts(ShapesWorld(resolution=cfg.image_size, seed=0), n, heldout=True)
-    hits: dict[str, list[bool]] = {}
+    records = []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         for lo in range(0, len(rows), batch_size):
@@ -51,18 +52,17 @@ def score_run(final: Path, n: int, seeds: list[int], guidance_scale: float = 3.0
             ids = [tokenizer.encode(r["prompt"], add_special_tokens=False) for r in chunk]
             pixels = generate_images(model, ids, scheduler, codec, num_steps, guidance_scale, generator=g)
             for img, row in zip(to_uint8(pixels), chunk):
-                found = detect(img, min_confidence=min_confidence)
-                ok = evaluate(found, {k: v for k, v in row.items() if k != "split"})[0]
-                for key in (row["split"], f"{row['split']}/{row['tag']}"):
-                    hits.setdefault(key, []).append(ok)
-    return {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())} | {"images": len(rows) * len(seeds)}
+                v = judge(img, row, min_confidence=min_confidence)
+                records += [{**v, "group": row["split"]}, {**v, "group": f"{row['split']}/{row['tag']}"}]
+    summary = summarize_judgements(records, group="group")
+    summary.pop("all")  # every image is in two groups
+    return {k: {f: (round(x, 4) if isinstance(x, float) else x) for f, x in v.items()}
+            for k, v in sorted(summary.items())} | {"images": len(rows) * len(seeds)}
 
 
 @torch.no_grad()
 def understanding_report(final: Path, n: int, seed: int = 0, style: str = "letter") -> dict:
-    from hybrid.losses import hybrid_loss
     from hybrid.sequence import SampleBuilder
-    from train.data import understanding_caption, understanding_question
 
     pipe = HybridPipeline.from_pretrained(final)
     tokens = pipe.config.image_head == "tokens"  # Chameleon: input images are read as VQ codes
@@ -76,17 +76,11 @@ def understanding_report(final: Path, n: int, seed: int = 0, style: str = "lette
     for split in ("train", "heldout"):
         report |= {f"answer_accuracy_{split}/{k}": round(v, 4)
                    for k, v in answer_accuracy(model, encoder, builder, world, split, n, style=style).items()}
-        for kind in ("caption", "answer"):
-            items = [understanding_caption(world.caption_example(i, split).image, world.caption_example(i, split).prompt)
-                     if kind == "caption" else understanding_question(world.question_example(i, split), style=style)
-                     for i in range(min(n, 128))]
-            batch = builder(items)
-            perm = torch.randperm(len(batch.und_images), generator=torch.Generator().manual_seed(seed))
-            for name, imgs in (("own_image", batch.und_images), ("shuffled_images", batch.und_images[perm])):
-                b = dataclasses.replace(batch, und_images=imgs)  # each text read with another image
-                loss = hybrid_loss(model, b, None, codec, cfg.patch_size, und_features=None if tokens else encoder(imgs),
-                                   image_head=cfg.image_head)
-                report[f"{kind}_text_loss_{split}/{name}"] = round(loss.text.item(), 4)
+        for kind in ("caption", "answer"):  # the text loss with each sample's own image vs another's
+            r = image_reliance(model, encoder, codec, builder, world, split, min(n, 128), kind=kind, style=style)
+            report |= {f"{kind}_text_loss_{split}/own_image": r["own"],
+                       f"{kind}_text_loss_{split}/shuffled_images": r["shuffled"],
+                       f"{kind}_reliance_gap_{split}": r["gap"]}
     return report
 
 

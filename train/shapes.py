@@ -156,6 +156,17 @@ def render(scene: Scene, background: tuple[int, int, int] = BACKGROUND) -> Image
     return Image.fromarray(canvas, "RGB")
 
 
+def describe(scene: Scene) -> str:
+    """Every object of ``scene``, left to right: "a red circle, a blue square and a green triangle".
+
+    A caption that names each object's colour *and* shape: two scenes that differ only in a shape
+    get different captions, which a contrastive encoder must then tell apart (GenEval's prompts
+    mostly do not: "a photo of a red circle" names one object of a crowded scene)."""
+    objs = sorted(scene.objects, key=lambda o: (o.cx, o.cy))
+    names = [f"{with_article(o.color)} {o.shape}" for o in objs]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def with_article(word: str) -> str:
     """GenEval's article rule: "an" before a vowel letter ("an orange circle"), else "a"."""
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from tqdm.auto import tqdm
 from encoders.siglip import SiglipEncoder, open_clip_preprocess
 from hybrid.tokenizer import load_tokenizer, train_tokenizer
 from train.config import build_config, read_raw
-from train.shapes import ShapesWorld
+from train.shapes import Scene, ShapeObject, ShapesWorld, describe, render
 from train.trainer import lr_lambda, resume_run, save_run
 
 # SigLIP's preprocessing (open_clip's tags for SigLIP): mean/std 0.5, bicubic, squash.
@@ -77,7 +78,18 @@ class SiglipTrainConfig:
     text_layers: int = 3
     text_heads: int = 4
     embed_dim: int = 128
-    context_length: int = 12  # captions are <= 10 BPE tokens + <eos>
+    context_length: int = 12  # prompts are <= 10 BPE tokens + <eos>; scene captions need ~24
+    # What an image is paired with: "prompt", its GenEval prompt ("a photo of a red circle", which
+    # names one object of a crowded scene, or none of the colours), or "scene", every object's
+    # colour and shape left to right (``shapes.describe``): captions that differ only in a shape are
+    # then negatives of each other, so the encoder has to see shape (with prompts, colour alone tells
+    # most pairs apart and a linear probe reads shape at 0.40 from its features).
+    captions: str = "prompt"
+    # "scene" captions only: each image comes with a twin in its batch, the same scene with one
+    # object's shape changed (same colour, place and size), captioned accordingly. The pair differs
+    # only in one shape word, so the sigmoid loss can only separate them by seeing that shape. Even
+    # scene captions rarely give such pairs at random (a probe read shape at 0.39 without them).
+    shape_twins: bool = False
     tokenizer_vocab: int = 512
     init_logit_scale: float = math.log(10)  # SigLIP's initialisation
     init_logit_bias: float = -10.0
@@ -117,6 +129,10 @@ class SiglipTrainConfig:
                      "eval_per_split", "context_length", "patch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.captions not in ("prompt", "scene"):
+            problems.append(f"captions must be 'prompt' or 'scene', got {self.captions!r}")
+        if self.shape_twins and self.captions != "scene":
+            problems.append("shape_twins needs captions='scene' (a prompt does not say which shape changed)")
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
         if self.vision_width % self.vision_head_width or self.text_width % self.text_heads:
@@ -188,8 +204,9 @@ class DistinctCaptionPairs(Dataset):
     reproduces the data exactly."""
 
     def __init__(self, world: ShapesWorld, tokenizer: Any, batch_size: int, context_length: int,
-                 length: int = 10_000_000) -> None:
+                 length: int = 10_000_000, captions: str = "prompt", shape_twins: bool = False) -> None:
         self.world, self.tokenizer, self.batch_size = world, tokenizer, batch_size
+        self.captions, self.shape_twins = captions, shape_twins
         self.context_length, self.length = context_length, length
         self.stride = 8 * batch_size
         self._last: tuple[int, Any] = (-1, None)  # the block being read (a loader reads in order)
@@ -207,7 +224,15 @@ class DistinctCaptionPairs(Dataset):
         seen: dict[str, Any] = {}
         for j in range(b * self.stride, (b + 1) * self.stride):
             ex = self.world.caption_example(j, "train")
-            seen.setdefault(ex.prompt, ex.image)
+            pairs = [(caption_of(ex, self.captions), ex.image)]
+            if self.shape_twins:
+                twin = shape_twin(self.world, ex.scene, random.Random(f"twin:{j}"))
+                if twin is not None and len(seen) + 2 <= self.batch_size:  # the pair shares a batch
+                    pairs.append((describe(twin), render(twin)))
+            if len(pairs) == 2 and any(c in seen for c, _ in pairs):
+                continue  # keep twins together: both new, or neither
+            for caption, image in pairs:
+                seen.setdefault(caption, image)
             if len(seen) == self.batch_size:
                 break
         else:
@@ -221,6 +246,25 @@ class DistinctCaptionPairs(Dataset):
         pixels, ids = self.block(index // self.batch_size)
         k = index % self.batch_size
         return pixels[k], ids[k]
+
+
+def shape_twin(world: ShapesWorld, scene: Scene, rng: random.Random) -> Scene | None:
+    """``scene`` with one object's shape changed: same colour, centre and size, a shape whose
+    colour pairing the training split allows (never a held-out pair). None if no object can change."""
+    options = [(i, s) for i, o in enumerate(scene.objects) for s in world.shapes
+               if s != o.shape and (o.color, s) not in world.heldout_pairs]
+    if not options:
+        return None
+    i, shape = rng.choice(options)
+    o = scene.objects[i]
+    objects = list(scene.objects)
+    objects[i] = ShapeObject(shape, o.color, o.cx, o.cy, o.size)  # the same box: no new overlap
+    return Scene(tuple(objects), scene.resolution)
+
+
+def caption_of(example: Any, captions: str) -> str:
+    """The text a SigLIP image is paired with (SiglipTrainConfig.captions)."""
+    return describe(example.scene) if captions == "scene" else example.prompt
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -246,10 +290,11 @@ def zero_shot_retrieval(model: torch.nn.Module, tokenizer: Any, examples: list, 
     chance = {"i2t": [], "t2i": []}
     per_tag = {}
     for tag, idx in by_tag.items():
-        captions = sorted({examples[i].prompt for i in idx})
+        text = [caption_of(examples[i], getattr(cfg, "captions", "prompt")) for i in idx]  # as trained
+        captions = sorted(set(text))
         txt = model.encode_text(tokenize(tokenizer, captions, cfg.context_length).to(device), normalize=True)
         sim = img[idx] @ txt.T  # (n_tag, K): the logit's order equals the cosine's
-        own = torch.tensor([captions.index(examples[i].prompt) for i in idx], device=device)
+        own = torch.tensor([captions.index(c) for c in text], device=device)
         i2t = (sim.argmax(1) == own).float()
         t2i = (own[sim.argmax(0)] == torch.arange(len(captions), device=device)).float()
         share = torch.bincount(own, minlength=len(captions)).float() / len(idx)
@@ -311,7 +356,8 @@ def train(cfg: SiglipTrainConfig) -> Path:
     model_cfg = cfg.model_cfg(vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id)
     model = build_model(model_cfg, cfg.init_logit_scale)
     loss_fn = SigLipLoss(rank=accelerator.process_index, world_size=accelerator.num_processes)
-    dataset = DistinctCaptionPairs(world, tokenizer, cfg.batch_size, cfg.context_length)
+    dataset = DistinctCaptionPairs(world, tokenizer, cfg.batch_size, cfg.context_length, captions=cfg.captions,
+                                   shape_twins=cfg.shape_twins)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, drop_last=True,
                         num_workers=cfg.num_workers)
     optimizer = build_optimizer(model, cfg)

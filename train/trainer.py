@@ -55,7 +55,8 @@ from train.state_io import (OBJECTS_FILE, STATE_FILE, Stateful, latest_checkpoin
 from train.config import TrainConfig, load_config  # noqa: F401  (the stage's config loader)
 from train.sources import REASONS, SampleLimit, build_sources, parse_data_spec
 from train.data import ShapesTrainSet, understanding_question
-from train.detect import detect, evaluate
+from train.detect import judge
+from train.probes import image_reliance
 from train.scaling import count_parameters
 from train.shapes import ShapesWorld
 
@@ -256,14 +257,21 @@ def sample_prompts(world: ShapesWorld, n: int, heldout: bool) -> list[dict]:
 
 
 def score_samples(pixels: torch.Tensor, rows: list[dict]) -> dict[str, float]:
-    """GenEval's rule applied by the shapes detector: the fraction of images that satisfy their
-    prompt, per split. A quick learning signal, not the full evaluation."""
+    """GenEval's rule applied by the shapes detector, per split: the fraction of images that
+    satisfy their prompt (sample_accuracy), of those that do so on a clean canvas (sample_strict,
+    which clutter cannot raise), and the clutter guard's shares of images with more objects than
+    prompted, nothing, or stray foreground (``train.detect.judge``). A quick learning signal, not
+    the full evaluation."""
     imgs = to_uint8(pixels)  # (n, H, W, 3)
-    hits: dict[str, list[bool]] = {}
+    verdicts: dict[str, list[dict]] = {}
     for img, row in zip(imgs, rows):
-        meta = {k: v for k, v in row.items() if k != "split"}
-        hits.setdefault(row["split"], []).append(evaluate(detect(img), meta)[0])
-    return {f"sample_accuracy_{k}": sum(v) / len(v) for k, v in hits.items()}
+        verdicts.setdefault(row["split"], []).append(judge(img, row))
+    out = {}
+    for split, vs in verdicts.items():
+        for key, field in (("accuracy", "correct"), ("strict", "strict"), ("extra", "extra"), ("empty", "empty"),
+                           ("noisy", "noisy")):
+            out[f"sample_{key}_{split}"] = sum(v[field] for v in vs) / len(vs)
+    return out
 
 
 @torch.no_grad()
@@ -338,7 +346,7 @@ def validation_set(cfg: TrainConfig, mcfg, collate: SampleBuilder) -> Dataset:
         world = ShapesWorld(resolution=mcfg.image_size, seed=seed)
         return ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
                               mix_understand=cfg.mix_understand, caption_dropout=mcfg.caption_dropout,
-                              seed=seed, mc_answer=cfg.mc_answer)
+                              seed=seed, mc_answer=cfg.mc_answer, understand_questions=cfg.understand_questions)
     if not cfg.val_data:
         raise ValueError("val_batches > 0 with file data needs val_data (held-out files)")
     return build_sources(parse_data_spec(cfg.val_data), mcfg.image_size, 10_000_000, seed=cfg.seed,
@@ -484,7 +492,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.shapes_data:
         dataset = ShapesTrainSet(world, mix_caption=cfg.mix_caption, mix_interleaved=cfg.mix_interleaved,
                                  mix_understand=cfg.mix_understand, caption_dropout=mcfg.caption_dropout,
-                                 seed=cfg.seed, mc_answer=cfg.mc_answer)
+                                 seed=cfg.seed, mc_answer=cfg.mc_answer,
+                                 understand_questions=cfg.understand_questions)
     else:  # files: bad records are skipped (counted by reason) or raise, per data_on_error
         dataset = build_sources(parse_data_spec(cfg.data), mcfg.image_size, 10_000_000, seed=cfg.seed,
                                 caption_dropout=mcfg.caption_dropout, limit=SampleLimit.from_builder(collate),
@@ -575,6 +584,10 @@ def train(cfg: TrainConfig) -> Path:
         if main:
             save_sample_grid(pixels, [f"[{r['split']}] {r['prompt']}" for r in prompts], path)
         scores = score_samples(pixels, prompts)
+        if encoder is not None or tokens_mode:  # does the model read its input image? (train.probes)
+            for split in ("train", "heldout"):
+                r = image_reliance(unwrapped, und_reader, codec, collate, world, split, cfg.reliance_n)
+                scores.update({f"reliance_{k}_{split}": v for k, v in r.items()})
         if cfg.mix_understand > 0:
             for split in ("train", "heldout"):
                 acc = answer_accuracy(unwrapped, und_reader, collate, world, split, cfg.und_eval, style=cfg.mc_answer)
