@@ -31,6 +31,8 @@ class KVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.valid = torch.zeros(batch, shape[2], dtype=torch.bool, device=device)
+        # the token ids of the cached slots (-1: never written): what a pooled text condition reads
+        self.ids = torch.full((batch, shape[2]), -1, dtype=torch.long, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
         self.padded = False  # any kept slot masked out (left padding)? if not, masks can often be skipped
@@ -63,6 +65,7 @@ class KVCache:
         grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:-2], cap - t.shape[-2], t.shape[-1])], dim=-2)
         self.keys = [grow(k) for k in self.keys]
         self.values = [grow(v) for v in self.values]
+        self.ids = torch.cat([self.ids, self.ids.new_full((self.batch, cap - self.capacity), -1)], dim=1)
         self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch, cap - self.capacity)], dim=1)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,6 +75,10 @@ class KVCache:
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def write_ids(self, input_ids: Tensor) -> None:
+        """Record a chunk's (B, n) token ids after the kept prefix (kept with it by ``commit``)."""
+        self.ids[:, self.length:self.length + input_ids.shape[1]] = input_ids
 
     def commit(self, valid: Tensor) -> None:
         """Keep the chunk just written; ``valid`` (B, n) marks its real tokens (False: padding)."""
@@ -92,6 +99,7 @@ class KVCache:
         out.keys = [k[rows] for k in self.keys]
         out.values = [v[rows] for v in self.values]
         out.valid, out.next_pos, out.length = self.valid[rows], self.next_pos[rows], self.length
+        out.ids = self.ids[rows]
         out.padded = not bool(out.valid[:, :out.length].all())
         return out
 
@@ -135,6 +143,10 @@ class CacheGroups:
     def reserve(self, n: int) -> None:
         for p in self.parts:
             p.reserve(n)
+
+    def write_ids(self, input_ids: Tensor) -> None:
+        for p, r in zip(self.parts, self.rows):
+            p.write_ids(input_ids[r])
 
     def commit(self, valid: Tensor) -> None:
         for p, r in zip(self.parts, self.rows):

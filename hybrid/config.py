@@ -101,6 +101,13 @@ class HybridConfig:
     # gates its residual branches (zero-initialised, so training starts from "add"); text tokens
     # are never modulated, so the text path is exactly a Llama.
     time_conditioning: str = "add"
+    # With "adaln": the adaptive norms also read the text an image is generated from, pooled (the
+    # mean embedding of the text tokens between the previous image or the document start and the
+    # image's <boi>), as SD3 / Flux add a pooled text embedding to the timestep's. Attention to the
+    # text tokens stays the main path (word order, bindings); this one gives the image tokens of
+    # every block a direct view of what was asked for. An empty text (caption dropout, CFG's
+    # unconditional row) pools to zeros.
+    pooled_text_conditioning: bool = False
     codebook_size: int = 256  # "ar": VQ codes the generation head predicts
     code_embed_dim: int = 8  # "ar": width of the code embedding before the generation aligner
     gen_head_dim: int | None = None  # "ar": hidden width of the generation head; None -> dim
@@ -215,6 +222,8 @@ class HybridConfig:
         elif self.time_conditioning == "adaln" and (self.image_head != "diffusion" or self.late_fusion_layers):
             problems.append("time_conditioning='adaln' modulates the diffusion head's image tokens in the decoder "
                             "blocks: it needs image_head='diffusion' and late_fusion_layers=0")
+        if self.pooled_text_conditioning and self.time_conditioning != "adaln":
+            problems.append("pooled_text_conditioning feeds the adaptive norms: it needs time_conditioning='adaln'")
         if self.aligner_depth < 1:
             problems.append(f"aligner_depth must be >= 1, got {self.aligner_depth}")
         if not 0.0 <= self.caption_dropout < 1.0:

@@ -282,6 +282,8 @@ class HybridModel(nn.Module):
             self.image_out = nn.Linear(D, cfg.patch_dim)
             # adaLN: the final norm's shift and scale for image tokens (DiT's final layer)
             self.final_ada = nn.Linear(D, 2 * D, bias=False) if cfg.time_conditioning == "adaln" else None
+            # the pooled text an image is drawn from, into the adaLN condition (SD3's pooled embedding)
+            self.text_pool = mlp(D, D, 2) if cfg.pooled_text_conditioning else None
         elif cfg.image_head == "ar":  # VQ code ids in, next-code logits out (Janus: generation embeddings/aligner/head)
             self.gen_embed = nn.Embedding(cfg.codebook_size, cfg.code_embed_dim)
             self.gen_aligner = mlp(cfg.code_embed_dim, D, cfg.aligner_depth)
@@ -358,6 +360,7 @@ class HybridModel(nn.Module):
             raise ValueError(f"sequence length {total} exceeds max_seq_len={self.config.max_seq_len}")
         if cache is not None:
             cache.reserve(T)
+            cache.write_ids(input_ids)
         h = self.embed_tokens(input_ids).view(B * T, -1)  # (B*T, D)
         if gen_tokens is not None:
             if gen_index is None or gen_timesteps is None or gen_index.shape != gen_tokens.shape[:2]:
@@ -380,7 +383,10 @@ class HybridModel(nn.Module):
         cond = None  # adaLN: each image token's timestep conditioning, silu(t_emb) as DiT feeds its adaLN
         if gen_tokens is not None and self.config.time_conditioning == "adaln":
             n_gen, N = gen_index.shape
-            c = F.silu(self.embed_timesteps(gen_timesteps)).to(h.dtype)  # (n, D)
+            c = self.embed_timesteps(gen_timesteps)  # (n, D)
+            if self.text_pool is not None:
+                c = c + self.text_pool(self.pooled_text(input_ids, gen_index, cache).to(c.dtype))
+            c = F.silu(c).to(h.dtype)
             cond = (c.repeat_interleave(N, dim=0), gen_index.reshape(-1))  # (n*N, D), (n*N,)
         if self.vision_layers:
             h = self.encode_spans(h, gen_index if gen_tokens is not None else None, und_index if und_features is not None else None)
@@ -420,6 +426,42 @@ class HybridModel(nn.Module):
             code_logits = self.code_head(flat[gen_index.reshape(-1) - 1]).view(*gen_index.shape, self.config.codebook_size)  # (n, N, K)
         return HybridOutput(logits=logits, image_pred=image_pred, hidden=h, code_logits=code_logits,
                             routers=routers or None)
+
+    def pooled_text(self, input_ids: Tensor, gen_index: Tensor, cache: KVCache | CacheGroups | None,
+                    max_tokens: int = 64) -> Tensor:
+        """(n_gen, D): for each generated-image span, the mean input embedding of the text tokens
+        before its <boi> back to the previous <eoi>, <bos> or <eos> (the image's own caption or
+        document text; zeros if there is none). Reads the cached ids too when the span follows a
+        cached prefix, so training and cached generation pool the same tokens."""
+        cfg = self.config
+        B, T = input_ids.shape
+        rows = input_ids.tolist()
+        if cache is not None:  # each row's cached ids first (left padding holds ids < 0 or pad)
+            for part, r in zip(cache.parts, cache.rows):
+                past = part.ids[:, :part.length].tolist()
+                for j, b in enumerate(range(r.start, r.stop)):
+                    rows[b] = past[j] + rows[b]
+        offset = [len(row) - T for row in rows]
+        stop = {cfg.bos_id, cfg.eos_id, cfg.eoi_id, cfg.boi_id}
+        skip = {cfg.pad_id, cfg.img_id}
+        picked = []
+        for flat in gen_index[:, 0].tolist():  # the span's first image token; <boi> just before it
+            b, col = divmod(flat, T)
+            row, i, got = rows[b], offset[b] + col - 2, []
+            while i >= 0 and row[i] not in stop and len(got) < max_tokens:
+                if row[i] >= 0 and row[i] not in skip:
+                    got.append(row[i])
+                i -= 1
+            picked.append(got)
+        n, L = len(picked), max([len(p) for p in picked] + [1])
+        ids = torch.full((n, L), cfg.pad_id, dtype=torch.long, device=input_ids.device)
+        mask = torch.zeros(n, L, dtype=torch.bool, device=input_ids.device)
+        for k, p in enumerate(picked):
+            if p:
+                ids[k, :len(p)] = torch.tensor(p)
+                mask[k, :len(p)] = True
+        emb = self.embed_tokens(ids) * mask[..., None]  # (n, L, D)
+        return emb.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (n, D)
 
     def encode_spans(self, h: Tensor, gen_index: Tensor | None, und_index: Tensor | None) -> Tensor:
         """Late fusion: each image span's embeddings, (n, N, D) gathered from the flat (B*T, D)

@@ -336,6 +336,7 @@ VARIANTS = {
     "late_fusion": dict(late_fusion_layers=1),
     "irope": dict(nope_every=2, attn_temperature_tuning=True, attn_floor_scale=4.0),
     "adaln": dict(time_conditioning="adaln"),
+    "adaln_pooled_text": dict(time_conditioning="adaln", pooled_text_conditioning=True),
 }
 
 
@@ -417,7 +418,7 @@ TRAINED_MODES = {
     "moe_aware": ["model.moe_experts=4", "model.moe_routing=aware", "model.moe_layers=[1]"],
     "late_fusion": ["model.late_fusion_layers=1"],
     "irope": ["model.nope_every=2", "model.attn_temperature_tuning=true"],
-    "adaln": ["model.time_conditioning=adaln"],
+    "adaln": ["model.time_conditioning=adaln", "model.pooled_text_conditioning=true"],
     "chameleon": ["model.image_head=tokens", "model.patch_size=1", "model.und_bidirectional=false"],
 }
 
