@@ -435,6 +435,8 @@ class HybridModel(nn.Module):
         cached prefix, so training and cached generation pool the same tokens."""
         cfg = self.config
         B, T = input_ids.shape
+        if not gen_index.numel():  # a batch without generated images: the head runs on nothing
+            return self.embed_tokens.weight.new_zeros(gen_index.shape[0], cfg.dim)
         rows = input_ids.tolist()
         if cache is not None:  # each row's cached ids first (left padding holds ids < 0 or pad)
             for part, r in zip(cache.parts, cache.rows):

@@ -174,3 +174,30 @@ def test_adaln_starts_as_the_add_model_and_modulates_only_image_tokens(debug_cfg
                                a.logits.view(-1, a.logits.shape[-1])[:first_image])
     with pytest.raises(ValueError, match="time_conditioning"):
         HybridConfig.from_dict({**debug_cfg.to_dict(), "time_conditioning": "film"})
+
+
+def test_pooled_text_condition_reads_the_images_own_text(debug_cfg, tokenizer):
+    """pooled_text_conditioning: an image's prediction depends on the text before it (its caption
+    or document text), not on text of another sample in the packed row; a batch with no generated
+    image runs the head on nothing."""
+    cfg = HybridConfig.from_dict({**debug_cfg.to_dict(), "time_conditioning": "adaln", "pooled_text_conditioning": True})
+    torch.manual_seed(0)
+    model = HybridModel(cfg).eval()
+    for p in model.parameters():  # zero-initialised heads and adaLN: make them count
+        if p.dim() >= 2 and not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    red, blue = Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, cfg.image_tokens, cfg.patch_dim, generator=g), torch.tensor([500.0])
+    with torch.no_grad():
+        a = run(model, batch_for(cfg, tokenizer, [["a photo of a red circle", red]]), x, t).image_pred
+        b = run(model, batch_for(cfg, tokenizer, [["a photo of two blue squares", red]]), x, t).image_pred
+        packed = batch_for(cfg, tokenizer, [["Here is a picture.", blue], ["a photo of a red circle", red]])
+        c = run(model, packed, torch.cat([x, x]), torch.cat([t, t])).image_pred
+        pooled = model.pooled_text(packed.input_ids, packed.gen_index, None)
+        empty = model.pooled_text(packed.input_ids, packed.gen_index[:0], None)
+    assert (a - b).abs().max() > 1e-3  # another caption, another prediction
+    torch.testing.assert_close(c[1], a[0], atol=1e-5, rtol=1e-5)  # packed behind another sample: the same
+    own = model.embed_tokens(torch.tensor(tokenizer.encode("a photo of a red circle", add_special_tokens=False)))
+    torch.testing.assert_close(pooled[1], own.mean(0))
+    assert empty.shape == (0, cfg.dim)
