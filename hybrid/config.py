@@ -122,6 +122,10 @@ class HybridConfig:
 
     # --- objective -------------------------------------------------------------------
     scheduler: str = "flow"  # "ddpm" (epsilon, Transfusion) | "flow" (velocity, JanusFlow)
+    # Options of that scheduler (schedulers/), e.g. {"shift": 3.0} for rectified flow: SD3's timestep
+    # shift, which spends more training steps (and sampling steps) at high noise, where an image's
+    # layout, objects and colours are decided. None: the scheduler's defaults.
+    scheduler_options: dict[str, Any] | None = None
     image_loss_weight: float = 5.0  # Transfusion's lambda ("tokens": unused, one cross-entropy)
     # z-loss on the LM head's log-normaliser (Chameleon, PaLM): weight x mean logsumexp(logits)^2 over
     # the trained positions. None: 1e-5 for image_head="tokens" (Chameleon's setting), else 0.
@@ -222,6 +226,8 @@ class HybridConfig:
         elif self.time_conditioning == "adaln" and (self.image_head != "diffusion" or self.late_fusion_layers):
             problems.append("time_conditioning='adaln' modulates the diffusion head's image tokens in the decoder "
                             "blocks: it needs image_head='diffusion' and late_fusion_layers=0")
+        if self.scheduler_options is not None and not isinstance(self.scheduler_options, dict):
+            problems.append(f"scheduler_options must be a mapping of the scheduler's options, got {self.scheduler_options!r}")
         if self.pooled_text_conditioning and self.time_conditioning != "adaln":
             problems.append("pooled_text_conditioning feeds the adaptive norms: it needs time_conditioning='adaln'")
         if self.aligner_depth < 1:

@@ -38,9 +38,10 @@ def scheduler_for(cfg: HybridConfig) -> Scheduler:
     are bounded pixels: at the noisiest steps the cosine schedule divides by a small
     sqrt(alpha_bar) (0.06 at the default first step t=960), and bounded pixels make clipping an
     exact guard against an imperfect model's overshoot."""
+    options = dict(cfg.scheduler_options or {})
     if cfg.scheduler == "ddpm":
-        return get_scheduler("ddpm", clip_sample=cfg.image_codec == "pixel")
-    return get_scheduler(cfg.scheduler)
+        options.setdefault("clip_sample", cfg.image_codec == "pixel")
+    return get_scheduler(cfg.scheduler, **options)
 
 
 def image_prompt_rows(prompt_ids: list[list[int]], cfg: HybridConfig, with_uncond: bool) -> list[TokenizedSample]:
@@ -193,10 +194,13 @@ def image_prefix(model: nn.Module, rows: Sequence[TokenizedSample], use_cfg: boo
 @torch.no_grad()
 def denoise(model: nn.Module, cache: KVCache | CacheGroups, n: int, scheduler: Scheduler, num_steps: int,
             guidance_scale: float, generator: Generators = None,
-            callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None) -> Tensor:
+            callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
+            start_step: int = 0, init: Tensor | None = None) -> Tensor:
     """The denoising loop against a cache whose rows end with ``<boi>`` (n rows, or 2n with the
     unconditional half). Returns clean patch tokens (n, N, P). ``callback(i, t, x_t, model_output)``
-    sees every step's input and the raw (B, N, P) prediction of all rows."""
+    sees every step's input and the raw (B, N, P) prediction of all rows. ``start_step`` and
+    ``init`` (n, N, P) start the loop part-way, from a given sample at that step's timestep
+    (``train.sample_eval --restoration``); by default it starts from the scheduler's noise."""
     cfg: HybridConfig = model.config
     B, N = cache.batch, cfg.image_tokens
     device = cache.device
@@ -204,8 +208,10 @@ def denoise(model: nn.Module, cache: KVCache | CacheGroups, n: int, scheduler: S
     span = torch.zeros(B, N, dtype=torch.long, device=device) if GEN in bidirectional_kinds(cfg) else None
     index = torch.arange(B * N, device=device).view(B, N)
     dtype = next(model.parameters()).dtype
-    x = scheduler.init_noise((n, N, cfg.patch_dim), generator=generator, device=device)  # (n, N, P)
+    x = scheduler.init_noise((n, N, cfg.patch_dim), generator=generator, device=device) if init is None else init
     for i, t in enumerate(scheduler.set_timesteps(num_steps, device=device)):
+        if i < start_step:
+            continue
         xin = x if B == n else torch.cat([x, x])  # (B, N, P)
         tt = torch.full((B,), float(t), device=device)
         pred = run_chunk(model, cache, ids, keep=False, span_ids=span, logits_last=False, one_span=span is not None,

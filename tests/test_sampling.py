@@ -100,3 +100,28 @@ def test_one_span_chunk_without_a_mask_equals_the_masked_chunk(debug_cfg, tokeni
                                    gen_timesteps=torch.full((B,), 500.0)).image_pred)
     assert preds[1].abs().max() > 0.1
     torch.testing.assert_close(preds[0], preds[1], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_denoise_started_part_way_continues_the_full_loop(debug_cfg, tokenizer):
+    """denoise(start_step=k, init=x_k) (sample_eval --restoration) gives what the full loop gives
+    from its own step-k sample (rectified flow's Euler steps are deterministic); and a scheduler's
+    options in the config (SD3's shift) reach the scheduler the model is sampled with."""
+    from hybrid.config import HybridConfig
+    from hybrid.sampling import denoise, image_prefix, prompt_prefix_rows
+
+    cfg = HybridConfig.from_dict({**debug_cfg.to_dict(), "scheduler_options": {"shift": 3.0}})
+    sched = scheduler_for(cfg)
+    assert sched.to_dict()["shift"] == 3.0
+    model = HybridModel(cfg).eval()
+    torch.nn.init.normal_(model.image_out.weight, std=0.02)
+    rows = prompt_prefix_rows(prompts(tokenizer), cfg, with_uncond=False)
+    seen = {}
+    cache, _ = image_prefix(model, rows, True)
+    full = denoise(model, cache, 2, sched, 6, 2.0, torch.Generator().manual_seed(0),
+                   callback=lambda i, t, x, pred: seen.setdefault(i, x[:2].clone()))
+    cache, _ = image_prefix(model, rows, True)
+    part = denoise(model, cache, 2, sched, 6, 2.0, None, start_step=3, init=seen[3])
+    torch.testing.assert_close(part, full)
+    with pytest.raises(ValueError, match="scheduler_options"):
+        HybridConfig.from_dict({**debug_cfg.to_dict(), "scheduler_options": 3.0})

@@ -265,12 +265,15 @@ def score_samples(pixels: torch.Tensor, rows: list[dict]) -> dict[str, float]:
     imgs = to_uint8(pixels)  # (n, H, W, 3)
     verdicts: dict[str, list[dict]] = {}
     for img, row in zip(imgs, rows):
-        verdicts.setdefault(row["split"], []).append(judge(img, row))
+        v = judge(img, row)
+        verdicts.setdefault(row["split"], []).append(v)
+        verdicts.setdefault(f"{row['split']}/{row['tag']}", []).append(v)
     out = {}
-    for split, vs in verdicts.items():
-        for key, field in (("accuracy", "correct"), ("strict", "strict"), ("extra", "extra"), ("empty", "empty"),
-                           ("noisy", "noisy")):
-            out[f"sample_{key}_{split}"] = sum(v[field] for v in vs) / len(vs)
+    for group, vs in verdicts.items():
+        fields = (("accuracy", "correct"), ("strict", "strict"), ("extra", "extra"), ("empty", "empty"),
+                  ("noisy", "noisy")) if "/" not in group else (("accuracy", "correct"), ("strict", "strict"))
+        for key, field in fields:
+            out[f"sample_{key}_{group}"] = sum(v[field] for v in vs) / len(vs)  # per split, and split/tag
     return out
 
 
