@@ -346,6 +346,12 @@ def instruments_section(out: Path) -> Section:
                                                          for s in ("train", "heldout") for k in ("own", "shuffled", "gap"))])
         sec.lines += table(["when", "own (train)", "shuffled (train)", "gap (train)", "own (held-out)",
                             "shuffled (held-out)", "gap (held-out)"], rows) + [""]
+    if "caption_reliance" in probes:
+        sec.lines += ["Caption reliance (generation): the image loss with each image's own caption vs another's vs "
+                      "none, by noise level (a gap near 0 = the model draws without reading its prompt):", ""]
+        sec.lines += table(["noise level", "own caption", "another's", "none", "gap"],
+                           [[k.removeprefix("sigma_"), *(f"{v[f]:.4f}" for f in ("own", "shuffled", "none", "gap"))]
+                            for k, v in probes["caption_reliance"].items()]) + [""]
     feats = [k for k in ("pixels", "encoder", "hybrid_middle", "hybrid_last") if k in probes]
     if feats:
         tasks = ("color", "shape", "count", "x_position", "y_position")

@@ -96,6 +96,37 @@ def test_image_reliance_is_zero_when_the_aligner_outputs_nothing(tokenizer, debu
     assert r["gap"] == pytest.approx(0.0, abs=1e-5)
 
 
+@torch.no_grad()
+def test_caption_reliance_sees_a_model_that_reads_its_prompt(tokenizer, debug_cfg):
+    """With the pooled text feeding strong adaptive norms the prediction depends on the caption:
+    own and shuffled differ; with that path zeroed (and the attention path of a random model too
+    weak to matter at 4 decimals) they do not."""
+    from encoders.latents import PixelCodec
+    from hybrid.config import HybridConfig
+    from hybrid.model import HybridModel
+    from hybrid.sampling import scheduler_for
+    from hybrid.sequence import SampleBuilder
+    from train.probes import caption_reliance
+
+    cfg = HybridConfig.from_dict({**debug_cfg.to_dict(), "time_conditioning": "adaln", "pooled_text_conditioning": True})
+    torch.manual_seed(0)
+    model = HybridModel(cfg).eval()
+    for p in model.parameters():
+        if p.dim() >= 2 and not p.any():
+            torch.nn.init.normal_(p, std=0.3)
+    torch.nn.init.normal_(model.embed_tokens.weight, std=1.0)  # captions that differ pool far apart
+    world = ShapesWorld(resolution=cfg.image_size, seed=0)
+    builder = SampleBuilder(tokenizer, cfg, caption_dropout=0.0)
+    measure = lambda: caption_reliance(model, PixelCodec(), scheduler_for(cfg), builder, world, n=8,
+                                       sigmas=(0.9,))["sigma_0.9"]
+    r = measure()
+    assert abs(r["gap"]) > 1e-3 and r["gap"] == pytest.approx(r["shuffled"] - r["own"], abs=2e-4)
+    model.text_pool[-1].weight.zero_()
+    model.text_pool[-1].bias.zero_()
+    r = measure()
+    assert abs(r["gap"]) < 1e-3
+
+
 # --------------------------------------------------------------------------- the clutter guard
 def test_clean_renders_pass_the_guard_and_clutter_noise_and_empty_fail_it():
     for i in range(60):
