@@ -54,8 +54,13 @@ def test_quick_recipe_runs_every_stage_and_writes_the_report(quick_run):
         assert record["scores"][f"mmbench_circular_{split}"] == m["overall"]["circular"]
     assert "GenEval overall" in proc.stdout and "report: " in proc.stdout
     report = (out / "report" / "report.md").read_text()
-    for heading in ("## Summary", "## Training curves", "## GenEval", "## MMBench", "## Commands"):
+    for heading in ("## Summary", "## Learning instruments", "## Training curves", "## GenEval", "## MMBench",
+                    "## Commands"):
         assert heading in report
+    probes = json.loads((out / "eval" / "probes.json").read_text())  # the instruments ran on the final model
+    assert {"encoder", "hybrid_last", "pixels", "reliance_train", "caption_reliance"} <= set(probes)
+    assert record["scores"]["reliance_gap_train"] == probes["reliance_train"]["gap"]
+    assert "strict overall" in report and "Linear probes" in report
     for stage in ("vq", "siglip", "hybrid"):  # a real PNG per stage's curves
         with Image.open(out / "report" / "curves" / f"{stage}.png") as im:
             assert im.format == "PNG" and im.size[0] > 200
