@@ -132,16 +132,15 @@ def to_pixels(images: list) -> torch.Tensor:
     return pixel_features(images).view(len(images), *np.asarray(images[0]).shape).permute(0, 3, 1, 2)
 
 
-@torch.no_grad()
 def encoder_features(encoder: torch.nn.Module, batch_size: int = 256) -> Callable[[list], torch.Tensor]:
     """The understanding encoder's tokens, flattened: (n, M * F)."""
+    @torch.no_grad()
     def run(images: list) -> torch.Tensor:
         px = to_pixels(images)
         return torch.cat([encoder(p).flatten(1).float() for p in px.split(batch_size)])
     return run
 
 
-@torch.no_grad()
 def hybrid_features(model: torch.nn.Module, encoder: torch.nn.Module, builder, layer: int,
                     batch_size: int = 64) -> Callable[[list], torch.Tensor]:
     """The hybrid model's hidden states over an understanding image span after block ``layer``
@@ -149,6 +148,7 @@ def hybrid_features(model: torch.nn.Module, encoder: torch.nn.Module, builder, l
     from hybrid.sequence import ImageSegment, TextSegment, pack
     from train.data import CAPTION_INSTRUCTION
 
+    @torch.no_grad()
     def run(images: list) -> torch.Tensor:
         feats = []
         grab: dict[str, torch.Tensor] = {}
