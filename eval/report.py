@@ -340,7 +340,7 @@ def instruments_section(out: Path) -> Section:
                       "image's (a gap near 0 = the model ignores the image):", ""]
         rows = [[f"training step {r['step']}", *(f"{r.get(f'reliance_{k}_{s}', float('nan')):.3f}"
                                                  for s in ("train", "heldout") for k in ("own", "shuffled", "gap"))]
-                for r in checks[:1] + checks[-1:]]
+                for r in (checks[:1] + checks[-1:] if len(checks) > 1 else checks)]
         if "reliance_train" in probes:
             rows.append(["final model (128 captions)", *(f"{probes[f'reliance_{s}'][k]:.3f}"
                                                          for s in ("train", "heldout") for k in ("own", "shuffled", "gap"))])

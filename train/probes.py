@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         world = ShapesWorld(resolution=cfg.image_size, seed=0)
         builder = SampleBuilder(pipe.tokenizer, cfg, caption_dropout=0.0)
         report["encoder"] = probe_scores(encoder_features(encoder), world, a.n_fit, a.n_score, a.seed)
-        for name, layer in (("hybrid_middle", len(model.layers) // 2 - 1), ("hybrid_last", len(model.layers) - 1)):
+        for name, layer in (("hybrid_middle", (len(model.layers) - 1) // 2), ("hybrid_last", len(model.layers) - 1)):
             report[name] = probe_scores(hybrid_features(model, encoder, builder, layer), world, a.n_fit, a.n_score,
                                         a.seed)
         if cfg.image_head == "diffusion":
