@@ -313,12 +313,12 @@ class HybridModel(nn.Module):
                 if m is not None:
                     nn.init.zeros_(m.weight)
 
-    def embed_images(self, patches: Tensor, timesteps: Tensor) -> Tensor:
-        """(n, N, P) noisy patches and (n,) timesteps -> (n, N, D) span embeddings."""
+    def embed_images(self, patches: Tensor, t_emb: Tensor) -> Tensor:
+        """(n, N, P) noisy patches and (n, D) timestep embeddings -> (n, N, D) span embeddings."""
         # the weights' dtype, not the inputs': fp32 latents meet bf16 weights when the whole model is
         # cast (DeepSpeed bf16 has no autocast); under autocast the weights stay fp32 and this is a no-op
         dtype = self.image_in.weight.dtype
-        return self.image_in(patches.to(dtype)) + self.embed_timesteps(timesteps)[:, None, :]
+        return self.image_in(patches.to(dtype)) + t_emb[:, None, :]
 
     def embed_timesteps(self, timesteps: Tensor) -> Tensor:
         """(n,) diffusion timesteps (model units) -> (n, D) timestep embeddings (DiT's embedder)."""
@@ -365,7 +365,8 @@ class HybridModel(nn.Module):
         if gen_tokens is not None:
             if gen_index is None or gen_timesteps is None or gen_index.shape != gen_tokens.shape[:2]:
                 raise ValueError("gen_tokens (n, N, P) needs gen_index (n, N) and gen_timesteps (n,)")
-            emb = self.embed_images(gen_tokens, gen_timesteps).to(h.dtype)
+            t_emb = self.embed_timesteps(gen_timesteps)  # (n, D): the input's and adaLN's condition
+            emb = self.embed_images(gen_tokens, t_emb).to(h.dtype)
             h = h.index_copy(0, gen_index.reshape(-1), emb.reshape(-1, emb.shape[-1]))
         if gen_codes is not None:
             if gen_index is None or gen_index.shape != gen_codes.shape:
@@ -383,7 +384,7 @@ class HybridModel(nn.Module):
         cond = None  # adaLN: each image token's timestep conditioning, silu(t_emb) as DiT feeds its adaLN
         if gen_tokens is not None and self.config.time_conditioning == "adaln":
             n_gen, N = gen_index.shape
-            c = self.embed_timesteps(gen_timesteps)  # (n, D)
+            c = t_emb
             if self.text_pool is not None:
                 c = c + self.text_pool(self.pooled_text(input_ids, gen_index, cache).to(c.dtype))
             c = F.silu(c).to(h.dtype)
