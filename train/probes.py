@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.shapes import SHAPES, Scene, ShapesWorld, render
+from train.shapes import ShapesWorld, render
 
 PROBE_TASKS = ("color", "shape", "count", "x_position", "y_position")
 RELIANCE_SEED = 1234  # the captions / questions the reliance check reads: fixed, so runs compare
